@@ -1,0 +1,132 @@
+"""Per-channel statistics: local moments, the packed message, and the merge after the sum.
+
+Numerics. Each participant computes its own mean m_i and sum of squared deviations M2_i
+(``torch.var_mean``, stable on offset data) in the statistics dtype. They travel as float64
+sums ``n_i * m_i`` and ``M2_i + n_i * m_i**2`` so that ONE element-wise sum over the
+participants merges them; the global ``M2 = S2 - S1 * mean`` then equals
+``sum M2_i + sum n_i (m_i - mean)**2`` up to float64 rounding. Float32 data with
+|mean| / std ~ 1e4 keeps ~8 significant digits of the variance this way, where the
+float32 formula E[x^2] - E[x]^2 keeps none.
+
+The message is ``[1, C, C*C, n, n*m (C values), M2 + n*m^2 (C values)]``: a header of four
+numbers, summed like the rest, tells every participant how many took part, whether they
+all had the same channel count (sum C == W*C and sum C^2 == W*C^2 only if every C is equal)
+and the global count, at no extra round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._checks import shape_str, values_per_channel
+
+HEADER_SIZE = 4
+
+
+class GlobalMoments(NamedTuple):
+    """Statistics over all participants, in the statistics dtype (count in float64)."""
+
+    mean: Tensor  # (C,)
+    var: Tensor  # (C,) biased, normalises the batch
+    var_unbiased: Tensor  # (C,) for the running variance
+    count: Tensor  # () values per channel over all participants
+
+
+def stats_dtype(input: Tensor) -> torch.dtype:
+    """float64 statistics for float64 input, float32 for everything else (fp16/bf16 too)."""
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def reduce_dims(input: Tensor) -> list[int]:
+    return [0, *range(2, input.dim())]
+
+
+def local_moments(input: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Mean and sum of squared deviations per channel of one participant's batch, and its count.
+
+    An empty batch gives zeros (decided from the shape, never from data).
+    """
+    channels = input.shape[1]
+    count = values_per_channel(input)
+    dtype = stats_dtype(input)
+    if count == 0:
+        zeros = torch.zeros(channels, dtype=dtype, device=input.device)
+        return zeros, zeros, 0
+    var, mean = torch.var_mean(input.to(dtype), dim=reduce_dims(input), correction=0)
+    return mean, var * count, count
+
+
+def pack_moments(mean: Tensor, m2: Tensor, count: int) -> Tensor:
+    """The float64 message ``[1, C, C*C, n, n*m, M2 + n*m^2]`` of one participant."""
+    channels = mean.shape[0]
+    mean64 = mean.to(torch.float64)
+    header = torch.tensor(
+        [1.0, channels, channels * channels, count], dtype=torch.float64, device=mean.device
+    )
+    weighted_mean = mean64 * count
+    return torch.cat([header, weighted_mean, m2.to(torch.float64) + weighted_mean * mean64])
+
+
+def check_header(fn: str, total: Tensor, input: Tensor, training: bool) -> None:
+    """Raise if the participants disagree on C, or if training sees one value per channel.
+
+    Eager CPU tensors are read on the host (a clear ValueError in every participant). Under
+    torch.compile or on an accelerator a host read would break the graph or stall the
+    stream, so the check becomes an asynchronous device assert instead.
+    """
+    channels = input.shape[1]
+    participants, sum_c, sum_c2, count = total[0], total[1], total[2], total[3]
+    if total.device.type == "cpu" and not torch.compiler.is_compiling():
+        w, c1, c2, n = total[:HEADER_SIZE].tolist()
+        if c1 != w * channels or c2 != w * channels * channels:
+            raise ValueError(
+                f"{fn}: participants disagree on the number of channels: this one has "
+                f"{channels} (input shape {shape_str(input.shape)}), the {w:g} participants "
+                f"average {c1 / w:g}"
+            )
+        if training and n == 1:
+            raise ValueError(
+                f"{fn}: expected more than 1 value per channel when training, got 1 over all "
+                f"{w:g} participants (input shape here {shape_str(input.shape)})"
+            )
+        return
+    same_channels = (sum_c == participants * channels) & (
+        sum_c2 == participants * channels * channels
+    )
+    torch._assert_async(same_channels, f"{fn}: participants disagree on the number of channels")
+    if training:
+        torch._assert_async(
+            count != 1, f"{fn}: expected more than 1 value per channel when training"
+        )
+
+
+def merge_moments(total: Tensor, dtype: torch.dtype) -> GlobalMoments:
+    """Global mean and variances from the summed message (float64 math, ``dtype`` results)."""
+    count = total[3]
+    sum_weighted_mean, sum_second = total[HEADER_SIZE:].chunk(2)
+    mean = sum_weighted_mean / count.clamp(min=1)
+    m2 = (sum_second - sum_weighted_mean * mean).clamp(min=0)
+    var = m2 / count.clamp(min=1)
+    var_unbiased = m2 / (count - 1).clamp(min=1)
+    return GlobalMoments(mean.to(dtype), var.to(dtype), var_unbiased.to(dtype), count)
+
+
+def global_moments(
+    fn: str, input: Tensor, reducer: Callable[[Tensor], Tensor], training: bool
+) -> GlobalMoments:
+    """Moments of the batch spread over all participants: one call of ``reducer``, O(C)."""
+    mean, m2, count = local_moments(input.detach())
+    message = pack_moments(mean, m2, count)
+    total = reducer(message)
+    if not isinstance(total, torch.Tensor) or total.shape != message.shape:
+        got = shape_str(total.shape) if isinstance(total, torch.Tensor) else type(total).__name__
+        raise ValueError(
+            f"{fn}: the reducer must return a tensor shaped like its argument "
+            f"{shape_str(message.shape)}, got {got}"
+        )
+    check_header(fn, total, input, training)
+    return merge_moments(total, stats_dtype(input))

@@ -1,0 +1,121 @@
+"""Normalisation with given global statistics, and its synchronised backward.
+
+Forward is torch's own batch-norm kernel in inference form, fed the global mean and
+variance, so the elementwise pass is native speed and keeps channels_last. Backward is
+written by hand: one native pass gives the local per-channel sums (sum dy, sum dy * xhat),
+one call of the reducer turns them into global sums (O(C) numbers), and one elementwise
+pass gives dx. Only the input and O(C) statistics are saved, as nn.BatchNorm does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ._checks import values_per_channel
+from ._moments import stats_dtype
+
+_native_inference = torch.ops.aten._native_batch_norm_legit_no_training
+_native_backward = torch.ops.aten.native_batch_norm_backward
+
+
+def normalization_terms(var: Tensor, eps: float, eps_mode: str) -> tuple[Tensor, float]:
+    """(variance, eps) such that ``1 / sqrt(variance + eps)`` is the wanted inverse std.
+
+    ``"plus"``: sqrt(var + eps), as torch. ``"clamp"``: sqrt(max(var, eps)), as the original
+    Synchronized-BatchNorm-PyTorch.
+    """
+    if eps_mode == "clamp":
+        return var.clamp(min=eps), 0.0
+    return var, eps
+
+
+def normalize(
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float
+) -> Tensor:
+    """``(input - mean) / sqrt(var + eps) * weight + bias`` per channel, with torch's kernel."""
+    dtype = stats_dtype(input)
+    # Reduced-precision input runs in the kernel's mixed mode: float32 parameters.
+    weight = None if weight is None else weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    return _native_inference(input, weight, bias, mean, var, 0.0, eps)[0]
+
+
+def _per_channel(t: Tensor, input: Tensor) -> Tensor:
+    """View a (C,) tensor so it broadcasts against ``input`` of shape (N, C, *)."""
+    return t.view(1, -1, *([1] * (input.dim() - 2)))
+
+
+class SyncNormalize(torch.autograd.Function):
+    """y = normalize(x) with global statistics; backward sums the per-channel terms globally.
+
+    The statistics are constants to autograd here: their dependence on every participant's
+    input is accounted for in backward by the global sums, which is what makes one reducer
+    call enough.
+    """
+
+    @staticmethod
+    def forward(
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        mean: Tensor,
+        var: Tensor,
+        eps: float,
+        count: Tensor,
+        reducer: Callable[[Tensor], Tensor],
+    ) -> Tensor:
+        return normalize(input, weight, bias, mean, var, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        input, weight, bias, mean, var, eps, count, reducer = inputs
+        ctx.eps = eps
+        ctx.reducer = reducer
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(input, weight, mean, var, count)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        input, weight, mean, var, count = ctx.saved_tensors
+        dtype = stats_dtype(input)
+        channels = input.shape[1]
+        if values_per_channel(input) == 0:
+            local_sums = torch.zeros(2 * channels, dtype=dtype, device=input.device)
+        else:
+            # The inference-form native backward yields exactly the two local sums
+            # (grad_weight = sum dy * xhat, grad_bias = sum dy) in one pass.
+            _, sum_dy_xhat, sum_dy = _native_backward(
+                grad_output, input, None, mean, var, None, None, False, ctx.eps,
+                [False, True, True],
+            )
+            local_sums = torch.cat([sum_dy.to(dtype), sum_dy_xhat.to(dtype)])
+        # Every participant calls the reducer here, also with an empty batch: skipping it
+        # would leave the others waiting.
+        global_sum_dy, global_sum_dy_xhat = ctx.reducer(local_sums).chunk(2)
+        local_sum_dy, local_sum_dy_xhat = local_sums.chunk(2)
+
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            invstd = torch.rsqrt(var + ctx.eps)
+            scale = invstd if weight is None else invstd * weight.to(dtype)
+            n = count.to(dtype).clamp(min=1)
+            mean_dy = global_sum_dy / n
+            mean_dy_xhat = global_sum_dy_xhat / n
+            # dx = scale * (dy - mean_dy - xhat * mean_dy_xhat), with xhat = (x - mean) * invstd,
+            # written as dy * scale + x * slope + offset: two fused passes over the batch.
+            slope = -scale * invstd * mean_dy_xhat
+            offset = scale * (mean * invstd * mean_dy_xhat - mean_dy)
+            grad_input = torch.addcmul(
+                _per_channel(offset, input), input, _per_channel(slope, input)
+            )
+            grad_input.addcmul_(grad_output, _per_channel(scale, input))
+            grad_input = grad_input.to(input.dtype)
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = local_sum_dy_xhat.to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = local_sum_dy.to(ctx.bias_dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None

@@ -1,0 +1,258 @@
+"""The public batch-norm ops: pure functions with explicit state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ._checks import check_arguments, check_local_batch_size
+from ._moments import global_moments, stats_dtype
+from ._normalize import SyncNormalize, normalization_terms, normalize
+from ._state import State, next_state, update_factor
+
+EpsMode = Literal["plus", "clamp"]
+Reducer = Callable[[Tensor], Tensor]
+
+_native_training = torch.ops.aten._native_batch_norm_legit_functional
+_native_training_no_stats = torch.ops.aten._native_batch_norm_legit.no_stats
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def batch_norm(
+    input: Tensor,
+    state: Mapping[str, Tensor] | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    training: bool,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    reducer: Reducer | None = None,
+    eps_mode: EpsMode = "plus",
+) -> tuple[Tensor, State | None]:
+    """Batch normalisation as a pure function: ``(output, new_state) = batch_norm(x, state)``.
+
+    In training (or when ``state`` is None) each channel is normalised with the mean and
+    biased variance of the batch; otherwise with ``state``'s running statistics. With a
+    ``reducer`` the batch is the union of every participant's ``input``: the statistics are
+    summed over the participants through ``reducer`` (see :func:`sync_batch_norm`). Without
+    one the result equals :func:`torch.nn.functional.batch_norm` in outputs, gradients and
+    running statistics, using the same native kernels.
+
+    Nothing passed in is modified; the next state is returned. The running variance is the
+    unbiased variance over the global count. ``momentum=None`` is the cumulative average
+    ``1 / (num_batches_tracked + 1)``, computed as a tensor (no host read). In eval mode the
+    state is returned unchanged.
+
+    Statistics are float32 for float16/bfloat16/float32 input and float64 for float64
+    input; the output keeps the input's dtype and memory format (channels_last stays).
+
+    Args:
+        input: ``(N, C, *)``, at least 2 dims, any N >= 0.
+        state: ``{"running_mean": (C,), "running_var": (C,), "num_batches_tracked": ()}``
+            (see :func:`init_state`; the keys are nn.BatchNorm's buffer names), or None for
+            no running statistics (as ``track_running_stats=False``).
+        weight: ``(C,)`` scale, or None.
+        bias: ``(C,)`` shift, or None.
+        training: normalise with batch statistics and update the state.
+        momentum: weight of the batch in the running statistics, in [0, 1], or None.
+        eps: added to the variance, >= 0.
+        reducer: ``reducer(t) -> element-wise sum of t over all participants``, or None.
+        eps_mode: ``"plus"``: ``sqrt(var + eps)`` as torch; ``"clamp"``: ``sqrt(max(var, eps))``
+            as the original Synchronized-BatchNorm-PyTorch.
+
+    Returns:
+        ``(output, new_state)``: output ``(N, C, *)`` in the input's dtype; new_state a new
+        dict with the same keys and dtypes as ``state`` (None when ``state`` is None).
+
+    Raises:
+        TypeError: input not a floating tensor, reducer not callable, wrong argument types.
+        ValueError: fewer than 2 dims; channel count differing from the state, weight or
+            bias; state missing a key; momentum outside [0, 1]; eps < 0; unknown eps_mode;
+            training with one value per channel over all participants; participants that
+            disagree on the channel count (these two are detected after the sum; see
+            :func:`sync_batch_norm`).
+
+    Example:
+        >>> import torch
+        >>> from fsyncbn.functional import batch_norm, init_state
+        >>> x = torch.randn(8, 3, 4, 4)
+        >>> y, state = batch_norm(x, init_state(3), training=True)
+        >>> y.shape, int(state["num_batches_tracked"])
+        (torch.Size([8, 3, 4, 4]), 1)
+        >>> ref = torch.nn.functional.batch_norm(x, None, None, training=True)
+        >>> torch.allclose(y, ref, atol=1e-6)
+        True
+    """
+    check_arguments(
+        "batch_norm", input, state, weight, bias, training=training, momentum=momentum,
+        eps=eps, eps_mode=eps_mode, reducer=reducer,
+    )
+    return _batch_norm(
+        "batch_norm", input, state, weight, bias, training, momentum, eps, reducer, eps_mode
+    )
+
+
+def sync_batch_norm(
+    input: Tensor,
+    state: Mapping[str, Tensor] | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    reducer: Reducer,
+    training: bool = True,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    eps_mode: EpsMode = "plus",
+) -> tuple[Tensor, State | None]:
+    """Batch norm whose statistics are summed over all participants through ``reducer``.
+
+    The same op as :func:`batch_norm` with the reducer required; every participant calls
+    it with its own slice of the batch and gets its slice of the output, as if batch norm
+    had run once on the concatenated batch.
+
+    Communication: exactly one ``reducer`` call in forward, on ``2C + 4`` float64 numbers
+    (a header of participant count, C, C*C and count, then the sums n*mean and
+    M2 + n*mean^2), and one in backward, on ``2C`` numbers (sum dy, sum dy * xhat). Both
+    are independent of the number of participants. Every participant takes part in both,
+    also with an empty batch (N = 0): counts travel with the moments, so uneven and empty
+    slices weigh in correctly without masks or host reads. If every participant is empty
+    the outputs are empty and the running statistics stay as they were
+    (``num_batches_tracked`` still counts the step, as nn.BatchNorm does).
+
+    Global checks ride in the header: participants that disagree on C, and training with a
+    single value per channel in total, raise ValueError in every participant. On eager CPU
+    tensors the header is read on the host; under torch.compile or on an accelerator the
+    check is ``torch._assert_async`` (no host sync, no graph break), which fails later and
+    less legibly.
+
+    Numerics: see ``fsyncbn.functional._moments`` (float64 merge of local moments; stable
+    for |mean| >> std).
+
+    Args:
+        input: ``(N, C, *)``, this participant's slice; N may be 0.
+        state: as :func:`batch_norm`; every participant ends with the same new state.
+        weight: ``(C,)`` or None. Its gradient is this participant's share (sum it over
+            participants, as DDP does, for the gradient of the whole batch).
+        bias: ``(C,)`` or None, likewise.
+        reducer: ``reducer(t) -> element-wise sum of t over all participants``,
+            differentiable. See :mod:`fsyncbn.reducers`.
+        training: as :func:`batch_norm`; in eval mode no sum is performed.
+        momentum: as :func:`batch_norm`.
+        eps: as :func:`batch_norm`.
+        eps_mode: as :func:`batch_norm`.
+
+    Returns:
+        ``(output, new_state)`` as :func:`batch_norm`.
+
+    Raises:
+        TypeError: ``reducer`` missing or not callable, and as :func:`batch_norm`.
+        ValueError: as :func:`batch_norm`.
+
+    Example:
+        >>> import torch
+        >>> from fsyncbn.functional import init_state, sync_batch_norm
+        >>> from fsyncbn.reducers import LocalReducer
+        >>> x = torch.randn(4, 2, 3)
+        >>> y, state = sync_batch_norm(x, init_state(2), reducer=LocalReducer())
+        >>> y.shape
+        torch.Size([4, 2, 3])
+    """
+    if reducer is None:
+        raise TypeError(
+            "sync_batch_norm: expected a reducer (a callable reducer(t) -> sum of t over all "
+            "participants, e.g. fsyncbn.reducers.ProcessGroupReducer()), got None"
+        )
+    check_arguments(
+        "sync_batch_norm", input, state, weight, bias, training=training, momentum=momentum,
+        eps=eps, eps_mode=eps_mode, reducer=reducer,
+    )
+    return _batch_norm(
+        "sync_batch_norm", input, state, weight, bias, training, momentum, eps, reducer, eps_mode
+    )
+
+
+def _batch_norm(
+    fn: str,
+    input: Tensor,
+    state: Mapping[str, Tensor] | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    reducer: Reducer | None,
+    eps_mode: str,
+) -> tuple[Tensor, State | None]:
+    """Route checked arguments to inference, native local training, or synchronised training."""
+    if state is not None and not training:
+        var, norm_eps = normalization_terms(state["running_var"], eps, eps_mode)
+        return normalize(input, weight, bias, state["running_mean"], var, norm_eps), dict(state)
+    if reducer is None:
+        check_local_batch_size(fn, input)
+        if eps_mode == "plus" and input.numel() > 0:
+            return _local_training(input, state, weight, bias, momentum, eps)
+        reducer = _identity  # clamp mode and empty batches share the synchronised path
+    return _synchronized_training(fn, input, state, weight, bias, momentum, eps, reducer, eps_mode)
+
+
+def _local_training(
+    input: Tensor,
+    state: Mapping[str, Tensor] | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float | None,
+    eps: float,
+) -> tuple[Tensor, State | None]:
+    """Training without synchronisation: torch's native kernel, bit for bit."""
+    if state is None:
+        return _native_training_no_stats(input, weight, bias, True, 0.0, eps)[0], None
+    # Autograd saves the running-stat arguments: clones keep the caller free to overwrite
+    # its own tensors (as a module does with its buffers) before backward.
+    native_momentum = 1.0 if momentum is None else momentum
+    output, _, _, mean, var = _native_training(
+        input, weight, bias, state["running_mean"].clone(), state["running_var"].clone(),
+        True, native_momentum, eps,
+    )
+    if momentum is not None:
+        new_state = {
+            "running_mean": mean,
+            "running_var": var,
+            "num_batches_tracked": state["num_batches_tracked"] + 1,
+        }
+        return output, new_state
+    # With momentum 1 the native op returned the batch's mean and unbiased variance.
+    factor = update_factor(state, None, stats_dtype(input))
+    return output, next_state(state, mean, var, factor)
+
+
+def _synchronized_training(
+    fn: str,
+    input: Tensor,
+    state: Mapping[str, Tensor] | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float | None,
+    eps: float,
+    reducer: Reducer,
+    eps_mode: str,
+) -> tuple[Tensor, State | None]:
+    """Training with statistics summed over all participants (one sum forward, one backward)."""
+    moments = global_moments(fn, input, reducer, training=True)
+    var, norm_eps = normalization_terms(moments.var, eps, eps_mode)
+    output = SyncNormalize.apply(
+        input, weight, bias, moments.mean, var, norm_eps, moments.count, reducer
+    )
+    if state is None:
+        return output, None
+    dtype = stats_dtype(input)
+    # A batch that is empty on every participant must leave the running stats as they were:
+    # scale the factor by min(count, 1) rather than branch on data.
+    factor = update_factor(state, momentum, dtype) * moments.count.clamp(max=1).to(dtype)
+    return output, next_state(state, moments.mean, moments.var_unbiased, factor)
