@@ -229,7 +229,7 @@ def test_batch_norm_with_reducer_is_sync_batch_norm():
     for name, op in (("batch_norm", batch_norm), ("sync_batch_norm", sync_batch_norm)):
         group = ThreadGroup(2)
         xs = x.split(splits)
-        outs[name] = raise_first(run_threads(2, lambda r, op=op, group=group: op(
+        outs[name] = raise_first(run_threads(2, lambda r, op=op, group=group, xs=xs: op(
             xs[r], init_state(3, dtype=torch.float64), training=True, reducer=group.reducer(r))))
     for (y1, s1), (y2, s2) in zip(outs["batch_norm"], outs["sync_batch_norm"], strict=True):
         assert torch.equal(y1, y2)

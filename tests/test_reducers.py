@@ -1,0 +1,45 @@
+"""The reducers shipped with fsyncbn, and the contract they share."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fsyncbn.reducers import LocalReducer, ProcessGroupReducer
+from tests.threads import ThreadGroup, raise_first, run_threads
+
+
+def test_local_reducer_is_identity_and_differentiable():
+    t = torch.randn(5, requires_grad=True)
+    out = LocalReducer()(t)
+    assert torch.equal(out, t)
+    g = torch.randn(5)
+    out.backward(g)
+    assert torch.equal(t.grad, g)
+
+
+def test_thread_reducer_follows_the_contract():
+    """The test harness's reducer: sum forward, sum of gradients backward."""
+    group = ThreadGroup(3)
+
+    def participant(rank):
+        t = torch.full((4,), float(rank), requires_grad=True)
+        total = group.reducer(rank)(t)
+        (total * (rank + 1)).sum().backward()
+        return total, t.grad
+
+    for total, grad in raise_first(run_threads(3, participant)):
+        assert torch.equal(total, torch.full((4,), 3.0))
+        assert torch.equal(grad, torch.full((4,), 6.0))
+
+
+def test_process_group_reducer_rejects_a_non_group():
+    with pytest.raises(TypeError, match=r"ProcessGroupReducer: expected group to be a "
+                                        r"torch.distributed.ProcessGroup or None, got str"):
+        ProcessGroupReducer("world")  # type: ignore[arg-type]
+
+
+def test_process_group_reducer_needs_an_initialized_group():
+    with pytest.raises(RuntimeError, match=r"ProcessGroupReducer: torch.distributed is not "
+                                           r"initialized; call torch.distributed.init_process_group"):
+        ProcessGroupReducer()(torch.ones(2))
