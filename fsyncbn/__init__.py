@@ -1,8 +1,46 @@
-"""fsyncbn: synchronized batch norm for PyTorch."""
+"""fsyncbn: synchronized batch norm for PyTorch.
+
+Pure functional ops with explicit state (:mod:`fsyncbn.functional`), reducers that sum
+statistics over participants (:mod:`fsyncbn.reducers`), and the familiar modules and
+helpers of Synchronized-BatchNorm-PyTorch and torch.nn.SyncBatchNorm.
+"""
 
 from . import functional, reducers
-from .reducers import LocalReducer, ProcessGroupReducer
+from .convert import convert_model, patch_sync_batchnorm, revert_model
+from .modules import (
+    SyncBatchNorm,
+    SynchronizedBatchNorm1d,
+    SynchronizedBatchNorm2d,
+    SynchronizedBatchNorm3d,
+    get_sbn_eps_mode,
+    set_sbn_eps_mode,
+)
+from .parallel import (
+    DataParallelWithCallback,
+    execute_replication_callbacks,
+    patch_replication_callback,
+)
+from .reducers import LocalReducer, ProcessGroupReducer, ReplicaGroup, SynchronizationError
 
 __version__ = "0.1.0"
 
-__all__ = ["LocalReducer", "ProcessGroupReducer", "functional", "reducers"]
+__all__ = [
+    "DataParallelWithCallback",
+    "LocalReducer",
+    "ProcessGroupReducer",
+    "ReplicaGroup",
+    "SyncBatchNorm",
+    "SynchronizationError",
+    "SynchronizedBatchNorm1d",
+    "SynchronizedBatchNorm2d",
+    "SynchronizedBatchNorm3d",
+    "convert_model",
+    "execute_replication_callbacks",
+    "functional",
+    "get_sbn_eps_mode",
+    "patch_replication_callback",
+    "patch_sync_batchnorm",
+    "reducers",
+    "revert_model",
+    "set_sbn_eps_mode",
+]

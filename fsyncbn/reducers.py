@@ -10,12 +10,21 @@ in forward and once in backward, on O(C) numbers. Write your own for another tra
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
-__all__ = ["LocalReducer", "ProcessGroupReducer"]
+__all__ = [
+    "LocalReducer",
+    "ProcessGroupReducer",
+    "ReplicaGroup",
+    "SynchronizationError",
+]
 
 
 class LocalReducer:
@@ -82,3 +91,167 @@ class ProcessGroupReducer:
 
     def __repr__(self) -> str:
         return f"ProcessGroupReducer(group={'WORLD' if self.group is None else self.group})"
+
+
+class SynchronizationError(RuntimeError):
+    """Participants could not complete a sum: one raised, hung, skipped or added a call, or
+    sent a different shape. Raised in every participant that was waiting, naming the layer."""
+
+
+class _Round:
+    """One sum among the replicas: their parts, then the result (or why there is none)."""
+
+    def __init__(self, num_replicas: int) -> None:
+        self.parts: list[Tensor | None] = [None] * num_replicas
+        self.arrived = 0
+        self.taken = 0
+        self.result: Tensor | None = None
+
+
+def _use_name(use: int) -> str:
+    return {0: "forward", 1: "backward"}.get(use, f"use {use + 1}")
+
+
+class ReplicaGroup:
+    """Where the replicas of one batch-norm layer meet during one DataParallel forward.
+
+    The i-th call of the layer on each replica meets the i-th call on the others; each such
+    call gets its own reducer (:meth:`reducer`), whose first use is the forward sum and whose
+    second use (from backward) is the backward sum, whatever order backward runs in. The
+    sum is computed on the first replica's device in at least float32 and copied back.
+
+    Nothing waits forever: a replica that raised or finished its forward without making
+    the call others wait at fails the group at once, and any other wait ends after
+    ``timeout`` seconds. Every waiting replica then raises :class:`SynchronizationError`
+    naming ``layer``.
+
+    Args:
+        num_replicas: how many replicas take part.
+        layer: how errors name the layer, e.g. ``"SynchronizedBatchNorm2d 'features.1'"``.
+        timeout: seconds a replica waits for the others.
+    """
+
+    def __init__(self, num_replicas: int, layer: str, timeout: float) -> None:
+        self.num_replicas = num_replicas
+        self.layer = layer
+        self.timeout = timeout
+        self._cv = threading.Condition()
+        self._rounds: dict[tuple[int, int], _Round] = {}
+        self._calls = [0] * num_replicas
+        self._ended: list[tuple[BaseException | None] | None] = [None] * num_replicas
+        self._failure: str | None = None
+
+    def reducer(self, replica: int) -> Callable[[Tensor], Tensor]:
+        """The reducer for ``replica``'s next call of the layer."""
+        with self._cv:
+            call = self._calls[replica]
+            self._calls[replica] += 1
+        return _ReplicaCallReducer(self, replica, call)
+
+    def forward_ended(self, replica: int, error: BaseException | None = None) -> None:
+        """Tell the group that ``replica``'s forward returned (or raised ``error``)."""
+        with self._cv:
+            self._ended[replica] = (error,)
+            self._cv.notify_all()
+
+    def _fail(self, message: str) -> None:
+        if self._failure is None:
+            self._failure = f"{self.layer}: {message}"
+        self._cv.notify_all()
+
+    def _unreachable(self, rnd: _Round, call: int, replica: int) -> str | None:
+        """Why some replica missing from ``rnd`` can never arrive, or None."""
+        for other, part in enumerate(rnd.parts):
+            if part is not None or self._ended[other] is None:
+                continue
+            (error,) = self._ended[other]  # type: ignore[misc]
+            if error is not None:
+                return (
+                    f"replica {other} raised {type(error).__name__}({error}) and will not reach "
+                    f"call {call + 1} of this layer, where replica {replica} waits"
+                )
+            if self._calls[other] <= call:
+                return (
+                    f"replica {other} finished its forward after {self._calls[other]} call(s) of "
+                    f"this layer, but replica {replica} is at call {call + 1}: every replica must "
+                    "call each synchronized batch-norm layer the same number of times"
+                )
+        return None
+
+    def _sum_parts(self, rnd: _Round, call: int, use: int) -> None:
+        parts = rnd.parts
+        shapes = [tuple(p.shape) for p in parts]  # type: ignore[union-attr]
+        if len(set(shapes)) != 1:
+            listing = ", ".join(f"replica {i} {s}" for i, s in enumerate(shapes))
+            self._fail(
+                f"replicas sent different shapes to the {_use_name(use)} sum of call "
+                f"{call + 1} ({listing}); every replica must give this layer the same number "
+                "of channels"
+            )
+            return
+        first = parts[0]
+        dtype = torch.promote_types(first.dtype, torch.float32)  # never sum in float16
+        rnd.result = torch.stack([p.to(first.device, dtype) for p in parts]).sum(0)
+
+    def _exchange(self, replica: int, call: int, use: int, t: Tensor) -> Tensor:
+        deadline = time.monotonic() + self.timeout
+        key = (call, use)
+        with self._cv:
+            rnd = self._rounds.setdefault(key, _Round(self.num_replicas))
+            rnd.parts[replica] = t.detach()
+            rnd.arrived += 1
+            if rnd.arrived == self.num_replicas and self._failure is None:
+                self._sum_parts(rnd, call, use)
+                self._cv.notify_all()
+            while rnd.result is None and self._failure is None:
+                reason = self._unreachable(rnd, call, replica)
+                remaining = deadline - time.monotonic()
+                if reason is None and remaining <= 0:
+                    missing = [i for i, p in enumerate(rnd.parts) if p is None]
+                    reason = (
+                        f"replica {replica} waited {self.timeout:g} s at the {_use_name(use)} sum "
+                        f"of call {call + 1} for replica(s) {missing}, which did not arrive (one "
+                        "hangs, or calls this layer a different number of times); the timeout is "
+                        "DataParallelWithCallback(sync_timeout=...)"
+                    )
+                if reason is not None:
+                    self._fail(reason)
+                    break
+                self._cv.wait(remaining)
+            if rnd.result is None:
+                raise SynchronizationError(self._failure)
+            result = rnd.result
+            rnd.taken += 1
+            if rnd.taken == self.num_replicas:
+                del self._rounds[key]
+        return result.to(t.device, t.dtype)
+
+
+class _ReplicaCallReducer:
+    """The reducer of one call of one replica: each use meets the same use on the others."""
+
+    def __init__(self, group: ReplicaGroup, replica: int, call: int) -> None:
+        self._group, self._replica, self._call = group, replica, call
+        self._uses = 0
+
+    def _next(self, t: Tensor) -> Tensor:
+        use = self._uses
+        self._uses += 1
+        return self._group._exchange(self._replica, self._call, use, t)
+
+    def __call__(self, t: Tensor) -> Tensor:
+        return _ReplicaSum.apply(t, self)
+
+    def __repr__(self) -> str:
+        return f"<replica {self._replica} reducer of {self._group.layer}, call {self._call + 1}>"
+
+
+class _ReplicaSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t: Tensor, reducer: _ReplicaCallReducer) -> Tensor:  # type: ignore[override]
+        ctx.reducer = reducer
+        return reducer._next(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return ctx.reducer._next(grad), None

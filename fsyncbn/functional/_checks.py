@@ -85,6 +85,10 @@ def check_arguments(
             f"participants, got {type(reducer).__name__}"
         )
     check_hyperparameters(fn, momentum, eps, eps_mode)
+    if float(eps) == 0.0 and (training or state is None):
+        raise ValueError(
+            f"{fn}: expected eps > 0 when normalising with batch statistics, got {eps!r}"
+        )
     if state is not None:
         if not isinstance(state, Mapping):
             raise TypeError(

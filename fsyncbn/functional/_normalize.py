@@ -37,10 +37,21 @@ def normalize(
 ) -> Tensor:
     """``(input - mean) / sqrt(var + eps) * weight + bias`` per channel, with torch's kernel."""
     dtype = stats_dtype(input)
+    if input.numel() == 0:
+        # The native backward crashes (SIGFPE) on empty input; plain ops give the same
+        # empty output and zero parameter gradients.
+        scale = torch.rsqrt(var.to(dtype) + eps)
+        if weight is not None:
+            scale = scale * weight.to(dtype)
+        shift = -mean.to(dtype) * scale
+        if bias is not None:
+            shift = shift + bias.to(dtype)
+        out = input.to(dtype) * _per_channel(scale, input) + _per_channel(shift, input)
+        return out.to(input.dtype)
     # Reduced-precision input runs in the kernel's mixed mode: float32 parameters.
     weight = None if weight is None else weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
-    return _native_inference(input, weight, bias, mean, var, 0.0, eps)[0]
+    return _native_inference(input, weight, bias, mean.to(dtype), var.to(dtype), 0.0, eps)[0]
 
 
 def _per_channel(t: Tensor, input: Tensor) -> Tensor:

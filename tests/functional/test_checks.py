@@ -53,6 +53,8 @@ BAD_INPUTS = [
     ("momentum a string", {"momentum": "0.1"}, TypeError,
      r"{fn}: expected momentum to be a float or None, got '0.1'"),
     ("negative eps", {"eps": -1e-5}, ValueError, r"{fn}: expected eps >= 0, got -1e-05"),
+    ("zero eps in training", {"eps": 0.0}, ValueError,
+     r"{fn}: expected eps > 0 when normalising with batch statistics, got 0.0"),
     ("nan eps", {"eps": float("nan")}, ValueError, r"{fn}: expected eps >= 0, got nan"),
     ("unknown eps_mode", {"eps_mode": "max"}, ValueError,
      r"{fn}: expected eps_mode 'plus' or 'clamp', got 'max'"),

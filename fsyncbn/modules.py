@@ -1,0 +1,293 @@
+"""Stateful batch-norm layers: SynchronizedBatchNorm1d/2d/3d and SyncBatchNorm.
+
+Each forward is three steps: read the state from the buffers, call
+:func:`fsyncbn.functional.batch_norm` with the reducer the context calls for, copy the
+returned state into the buffers. Behaviour (numerics, checks, empty batches) is documented
+once, in :mod:`fsyncbn.functional`.
+
+Which participants a layer synchronises with, in training:
+
+(a) inside :class:`fsyncbn.DataParallelWithCallback` (or a patched nn.DataParallel): the
+    other replicas of the same forward;
+(b) with torch.distributed initialised and ``process_group`` (default WORLD) of size > 1:
+    the ranks of that group (DDP, torchrun, multi-node);
+(c) otherwise nobody: the layer is nn.BatchNormXd, bit for bit.
+
+In eval mode the running statistics are used and nothing is synchronised.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+
+from .functional import batch_norm
+from .functional._checks import EPS_MODES, check_hyperparameters
+from .reducers import ProcessGroupReducer, ReplicaGroup
+
+__all__ = [
+    "SyncBatchNorm",
+    "SynchronizedBatchNorm1d",
+    "SynchronizedBatchNorm2d",
+    "SynchronizedBatchNorm3d",
+    "get_sbn_eps_mode",
+    "set_sbn_eps_mode",
+]
+
+# Older torch has no ``bias`` keyword on batch norm; offer it where the installed one does.
+_TORCH_HAS_BIAS = "bias" in inspect.signature(_NormBase.__init__).parameters
+
+_default_eps_mode = "plus"
+
+
+def set_sbn_eps_mode(mode: str) -> None:
+    """Set the eps mode of every layer built without an explicit ``eps_mode``.
+
+    As in the original Synchronized-BatchNorm-PyTorch, it takes effect at forward time.
+
+    Args:
+        mode: ``"plus"`` (``sqrt(var + eps)``, torch's, the default) or ``"clamp"``
+            (``sqrt(max(var, eps))``, the original package's).
+
+    Raises:
+        ValueError: unknown mode.
+
+    Example:
+        >>> set_sbn_eps_mode("clamp"); get_sbn_eps_mode()
+        'clamp'
+        >>> set_sbn_eps_mode("plus")
+    """
+    global _default_eps_mode
+    if mode not in EPS_MODES:
+        raise ValueError(f"set_sbn_eps_mode: expected 'plus' or 'clamp', got {mode!r}")
+    _default_eps_mode = mode
+
+
+def get_sbn_eps_mode() -> str:
+    """The eps mode used by layers built without an explicit ``eps_mode``."""
+    return _default_eps_mode
+
+
+class _SynchronizedBatchNorm(_BatchNorm):
+    """Shared body of the synchronized layers; see the module docstring."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        eps_mode: str | None = None,
+    ) -> None:
+        name = type(self).__name__
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"{name}: expected num_features > 0, got {num_features!r}")
+        check_hyperparameters(name, momentum, eps, eps_mode or "plus")
+        extra = {"bias": bias} if _TORCH_HAS_BIAS else {}
+        if not bias and not _TORCH_HAS_BIAS:
+            raise TypeError(f"{name}: bias=False needs a torch whose BatchNorm has `bias`")
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra
+        )
+        self.eps_mode = eps_mode
+        self._process_group_reducer = ProcessGroupReducer(process_group)
+        self._replica: tuple[ReplicaGroup, int] | None = None
+
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        """The torch.distributed group this layer synchronises over (None: WORLD)."""
+        return self._process_group_reducer.group
+
+    @process_group.setter
+    def process_group(self, group: dist.ProcessGroup | None) -> None:
+        self._process_group_reducer = ProcessGroupReducer(group)
+
+    def attach_replica(self, group: ReplicaGroup | None, replica: int = 0) -> None:
+        """Make this layer replica ``replica`` of ``group`` (None detaches it).
+
+        Called by the DataParallel replication callback; not needed otherwise.
+        """
+        self._replica = None if group is None else (group, replica)
+
+    def _reducer(self):
+        if not self.training:
+            return None
+        if self._replica is not None:
+            group, replica = self._replica
+            return group.reducer(replica)
+        if dist.is_available() and dist.is_initialized():
+            if dist.get_world_size(self.process_group) > 1:
+                return self._process_group_reducer
+        return None
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        use_running_stats = self.running_mean is not None and (
+            not self.training or self.track_running_stats
+        )
+        state = (
+            {
+                "running_mean": self.running_mean,
+                "running_var": self.running_var,
+                "num_batches_tracked": self.num_batches_tracked,
+            }
+            if use_running_stats
+            else None
+        )
+        output, new_state = batch_norm(
+            input, state, self.weight, self.bias, training=self.training,
+            momentum=self.momentum, eps=self.eps, reducer=self._reducer(),
+            eps_mode=self.eps_mode or _default_eps_mode,
+        )
+        if self.training and new_state is not None:
+            with torch.no_grad():  # written only now: the synchronisation succeeded
+                for key, value in new_state.items():
+                    getattr(self, key).copy_(value)
+        return output
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.eps_mode is not None:
+            text += f", eps_mode={self.eps_mode!r}"
+        return text
+
+    @classmethod
+    def from_batchnorm(
+        cls, module: _BatchNorm, process_group: dist.ProcessGroup | None = None
+    ) -> _SynchronizedBatchNorm:
+        """A layer of this class holding ``module``'s very parameters, buffers and flags."""
+        eps_mode = module.eps_mode if isinstance(module, _SynchronizedBatchNorm) else None
+        return _transfer(module, cls, process_group=process_group, eps_mode=eps_mode)
+
+
+def _transfer(source: _BatchNorm, cls: type[nn.Module], **kwargs: Any) -> nn.Module:
+    """Build ``cls`` from ``source``'s hyper-parameters and hand it the same tensors.
+
+    Parameters and buffers are shared, not copied (as torch's convert_sync_batchnorm), so
+    dtype, device, requires_grad and every value are kept; so are the training flag and a
+    qconfig.
+    """
+    extra = {"bias": source.bias is not None} if _TORCH_HAS_BIAS and source.affine else {}
+    target = cls(
+        source.num_features, source.eps, source.momentum, source.affine,
+        source.track_running_stats, device="meta", **extra, **kwargs,
+    )
+    for name in ("weight", "bias"):
+        setattr(target, name, getattr(source, name))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        setattr(target, name, getattr(source, name))
+    target.train(source.training)
+    if hasattr(source, "qconfig"):
+        target.qconfig = source.qconfig
+    return target
+
+
+class SynchronizedBatchNorm1d(_SynchronizedBatchNorm):
+    """nn.BatchNorm1d whose training statistics span all participants.
+
+    Input ``(N, C)`` or ``(N, C, L)``. Arguments as nn.BatchNorm1d, plus keyword-only
+    ``process_group`` (torch.distributed group, default WORLD) and ``eps_mode`` (see
+    :func:`fsyncbn.functional.batch_norm`; None follows :func:`set_sbn_eps_mode`).
+
+    Example:
+        >>> import torch
+        >>> bn = SynchronizedBatchNorm1d(4)
+        >>> bn(torch.randn(8, 4)).shape
+        torch.Size([8, 4])
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 2 and input.dim() != 3:
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+
+class SynchronizedBatchNorm2d(_SynchronizedBatchNorm):
+    """nn.BatchNorm2d whose training statistics span all participants.
+
+    Input ``(N, C, H, W)``. Arguments as :class:`SynchronizedBatchNorm1d`.
+
+    Example:
+        >>> import torch
+        >>> bn = SynchronizedBatchNorm2d(3, eps_mode="clamp")
+        >>> bn(torch.randn(2, 3, 4, 4)).shape
+        torch.Size([2, 3, 4, 4])
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+class SynchronizedBatchNorm3d(_SynchronizedBatchNorm):
+    """nn.BatchNorm3d whose training statistics span all participants.
+
+    Input ``(N, C, D, H, W)``. Arguments as :class:`SynchronizedBatchNorm1d`.
+    """
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(f"expected 5D input (got {input.dim()}D input)")
+
+
+class SyncBatchNorm(_SynchronizedBatchNorm):
+    """Drop-in for torch.nn.SyncBatchNorm: same constructor, any input rank from 2 to 5.
+
+    Unlike torch's, it also runs on CPU (gloo), syncs DataParallel replicas, sends O(C)
+    numbers per layer whatever the world size, and compiles without graph breaks.
+
+    Example:
+        >>> import torch
+        >>> bn = SyncBatchNorm(3)
+        >>> bn(torch.randn(4, 3, 5)).shape
+        torch.Size([4, 3, 5])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        eps_mode: str | None = None,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias, process_group=process_group, eps_mode=eps_mode,
+        )
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    @classmethod
+    def convert_sync_batchnorm(
+        cls, module: nn.Module, process_group: dist.ProcessGroup | None = None
+    ) -> nn.Module:
+        """Replace every batch-norm layer in ``module`` by an fsyncbn.SyncBatchNorm.
+
+        As torch.nn.SyncBatchNorm.convert_sync_batchnorm: parameters and buffers are
+        shared with the originals; a batch-norm ``module`` itself is returned converted.
+        """
+        converted = module
+        if isinstance(module, _BatchNorm) and type(module) is not cls:
+            converted = cls.from_batchnorm(module, process_group)
+        for name, child in module.named_children():
+            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return converted

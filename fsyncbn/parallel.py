@@ -1,0 +1,192 @@
+"""DataParallel with synchronized batch norm: after replicate, wire the replicas together.
+
+``DataParallelWithCallback`` (an nn.DataParallel) and ``patch_replication_callback`` (for an
+existing or custom DataParallel) do the same two things each forward:
+
+1. after ``replicate``, :func:`execute_replication_callbacks` gives the k-th synchronized
+   batch-norm layer of every replica one fresh :class:`~fsyncbn.reducers.ReplicaGroup`;
+2. around ``parallel_apply``, each replica's forward reports when it returns or raises, so
+   a replica waiting for one that will never come fails at once instead of at the timeout.
+
+Groups live for one forward (and its backward), so an error, an eval forward or a short
+last batch (fewer inputs than devices) leaves nothing behind for the next forward.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from .modules import _SynchronizedBatchNorm
+from .reducers import ReplicaGroup
+
+__all__ = [
+    "DEFAULT_SYNC_TIMEOUT_S",
+    "DataParallelWithCallback",
+    "ReplicaRun",
+    "execute_replication_callbacks",
+    "patch_replication_callback",
+]
+
+DEFAULT_SYNC_TIMEOUT_S = 60.0
+
+
+class ReplicaRun:
+    """The replica groups of one forward, and the wrapper that reports each replica's end."""
+
+    def __init__(self, replicas: Sequence[nn.Module], timeout: float) -> None:
+        self.replicas = list(replicas)
+        named = [
+            [(name, m) for name, m in r.named_modules() if isinstance(m, _SynchronizedBatchNorm)]
+            for r in self.replicas
+        ]
+        self.groups = [
+            ReplicaGroup(len(self.replicas), f"{type(m).__name__} '{name or '<root>'}'", timeout)
+            for name, m in named[0]
+        ]
+        self._layers = [[m for _, m in layers] for layers in named]
+        for index, layers in enumerate(self._layers):
+            for group, layer in zip(self.groups, layers, strict=True):
+                layer.attach_replica(group, index)
+
+    def run(self, index: int, *args: Any, **kwargs: Any) -> Any:
+        """Run replica ``index`` on the inputs, then tell every group it has ended."""
+        error: BaseException | None = None
+        try:
+            return self.replicas[index](*args, **kwargs)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            for layer in self._layers[index]:
+                layer.attach_replica(None)
+            for group in self.groups:
+                group.forward_ended(index, error)
+
+    def bind(self, index: int) -> Callable[..., Any]:
+        """``run`` for one replica, in the shape parallel_apply calls: ``fn(*input, **kw)``."""
+        return lambda *args, **kwargs: self.run(index, *args, **kwargs)
+
+
+def execute_replication_callbacks(
+    replicas: Sequence[nn.Module], timeout: float = DEFAULT_SYNC_TIMEOUT_S
+) -> ReplicaRun:
+    """Wire the synchronized batch-norm layers of ``replicas`` (copies of one module).
+
+    The k-th synchronized layer of every replica (in ``named_modules`` order) joins the
+    same group. Run each replica through the returned :meth:`ReplicaRun.run` (or
+    :meth:`ReplicaRun.bind`) so the groups learn when a replica ends.
+
+    Args:
+        replicas: the copies, first one on the device where the sums are computed.
+        timeout: seconds a replica waits for the others before raising.
+
+    Raises:
+        ValueError: the replicas do not hold the same synchronized layers.
+    """
+    counts = {
+        sum(isinstance(m, _SynchronizedBatchNorm) for m in r.modules()) for r in replicas
+    }
+    if len(counts) > 1:
+        raise ValueError(
+            "execute_replication_callbacks: expected copies of one module, got replicas with "
+            f"{sorted(counts)} synchronized batch-norm layers"
+        )
+    return ReplicaRun(replicas, timeout)
+
+
+class _CallbackState(threading.local):
+    run: ReplicaRun | None = None
+
+
+def _replicate_then_wire(replicate: Callable, state: _CallbackState, timeout: float):
+    def wrapped(module: nn.Module, device_ids: Sequence[Any]) -> list[nn.Module]:
+        replicas = replicate(module, device_ids)
+        state.run = execute_replication_callbacks(replicas, timeout)
+        return replicas
+
+    return wrapped
+
+
+def _apply_with_reporting(parallel_apply: Callable, state: _CallbackState):
+    def wrapped(replicas: Sequence[Any], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
+        run, state.run = state.run, None
+        if run is None or list(replicas) != run.replicas:
+            return parallel_apply(replicas, inputs, kwargs)
+        return parallel_apply([run.bind(i) for i in range(len(replicas))], inputs, kwargs)
+
+    return wrapped
+
+
+class DataParallelWithCallback(nn.DataParallel):
+    """nn.DataParallel whose replicas synchronise their batch-norm statistics.
+
+    Same arguments as nn.DataParallel, plus ``sync_timeout``: seconds a replica waits for
+    the others at a batch-norm layer before every waiting replica raises
+    :class:`fsyncbn.reducers.SynchronizationError` naming the layer. On a machine without
+    GPUs (or with one device) DataParallel runs the module itself: nothing to synchronise.
+
+    Example:
+        >>> from fsyncbn import SynchronizedBatchNorm1d
+        >>> sync_bn = DataParallelWithCallback(SynchronizedBatchNorm1d(10, affine=False))
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        device_ids: Sequence[Any] | None = None,
+        output_device: Any = None,
+        dim: int = 0,
+        *,
+        sync_timeout: float = DEFAULT_SYNC_TIMEOUT_S,
+    ) -> None:
+        super().__init__(module, device_ids, output_device, dim)
+        self.sync_timeout = sync_timeout
+        self._callback_state = _CallbackState()
+
+    def replicate(self, module: nn.Module, device_ids: Sequence[Any]) -> list[nn.Module]:
+        original = super().replicate
+        return _replicate_then_wire(original, self._callback_state, self.sync_timeout)(
+            module, device_ids
+        )
+
+    def parallel_apply(self, replicas: Sequence[Any], inputs: Sequence[Any], kwargs: Any) -> list:
+        return _apply_with_reporting(super().parallel_apply, self._callback_state)(
+            replicas, inputs, kwargs
+        )
+
+
+def patch_replication_callback(
+    data_parallel: nn.DataParallel, timeout: float = DEFAULT_SYNC_TIMEOUT_S
+) -> nn.DataParallel:
+    """Monkey-patch an nn.DataParallel (or a custom subclass) to behave as
+    :class:`DataParallelWithCallback`. Returns the same object.
+
+    Raises:
+        TypeError: ``data_parallel`` is not an nn.DataParallel.
+
+    Example:
+        >>> from torch import nn
+        >>> from fsyncbn import SynchronizedBatchNorm1d
+        >>> dp = nn.DataParallel(SynchronizedBatchNorm1d(10))
+        >>> patch_replication_callback(dp) is dp
+        True
+    """
+    if not isinstance(data_parallel, nn.DataParallel):
+        raise TypeError(
+            "patch_replication_callback: expected an nn.DataParallel, "
+            f"got {type(data_parallel).__name__}"
+        )
+    if isinstance(data_parallel, DataParallelWithCallback) or getattr(
+        data_parallel, "_fsyncbn_patched", False
+    ):
+        return data_parallel
+    state = _CallbackState()
+    data_parallel._fsyncbn_patched = True
+    data_parallel.replicate = _replicate_then_wire(data_parallel.replicate, state, timeout)
+    data_parallel.parallel_apply = _apply_with_reporting(data_parallel.parallel_apply, state)
+    data_parallel.sync_timeout = timeout
+    return data_parallel
