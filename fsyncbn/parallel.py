@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from .modules import _SynchronizedBatchNorm
-from .reducers import ReplicaGroup
+from .reducers import ReplicaGroup, ReplicaMonitor
 
 __all__ = [
     "DEFAULT_SYNC_TIMEOUT_S",
@@ -43,8 +43,12 @@ class ReplicaRun:
             [(name, m) for name, m in r.named_modules() if isinstance(m, _SynchronizedBatchNorm)]
             for r in self.replicas
         ]
+        self.monitor = ReplicaMonitor(len(self.replicas))
         self.groups = [
-            ReplicaGroup(len(self.replicas), f"{type(m).__name__} '{name or '<root>'}'", timeout)
+            ReplicaGroup(
+                len(self.replicas), f"{type(m).__name__} '{name or '<root>'}'", timeout,
+                self.monitor,
+            )
             for name, m in named[0]
         ]
         self._layers = [[m for _, m in layers] for layers in named]
@@ -63,8 +67,7 @@ class ReplicaRun:
         finally:
             for layer in self._layers[index]:
                 layer.attach_replica(None)
-            for group in self.groups:
-                group.forward_ended(index, error)
+            self.monitor.forward_ended(index, error)
 
     def bind(self, index: int) -> Callable[..., Any]:
         """``run`` for one replica, in the shape parallel_apply calls: ``fn(*input, **kw)``."""

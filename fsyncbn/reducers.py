@@ -23,6 +23,7 @@ __all__ = [
     "LocalReducer",
     "ProcessGroupReducer",
     "ReplicaGroup",
+    "ReplicaMonitor",
     "SynchronizationError",
 ]
 
@@ -112,6 +113,44 @@ def _use_name(use: int) -> str:
     return {0: "forward", 1: "backward"}.get(use, f"use {use + 1}")
 
 
+class ReplicaMonitor:
+    """What the replicas of one forward are doing, shared by all of its replica groups.
+
+    It lets a wait end as soon as it can never succeed: a replica raised, finished without
+    making the call, or every replica still running waits at a sum that cannot complete (a
+    deadlock across layers, as when one replica skips a layer and waits at the next).
+    A failure in one layer fails every wait of the forward.
+    """
+
+    def __init__(self, num_replicas: int) -> None:
+        self.num_replicas = num_replicas
+        self.cv = threading.Condition()
+        self.ended: list[tuple[BaseException | None] | None] = [None] * num_replicas
+        self.waiting: list[str | None] = [None] * num_replicas  # where, in forward
+        self.failure: str | None = None
+
+    def forward_ended(self, replica: int, error: BaseException | None = None) -> None:
+        """Tell the groups that ``replica``'s forward returned (or raised ``error``)."""
+        with self.cv:
+            self.ended[replica] = (error,)
+            self.cv.notify_all()
+
+    def fail(self, message: str) -> None:
+        if self.failure is None:
+            self.failure = message
+        self.cv.notify_all()
+
+    def deadlocked(self) -> str | None:
+        """Every replica still in its forward waits at a sum: nothing can progress."""
+        if any(e is None and w is None for e, w in zip(self.ended, self.waiting, strict=True)):
+            return None
+        where = "; ".join(f"replica {i} at {w}" for i, w in enumerate(self.waiting) if w)
+        return (
+            f"the replicas wait for each other at different layers ({where}): they must call "
+            "the synchronized batch-norm layers in the same order and number"
+        )
+
+
 class ReplicaGroup:
     """Where the replicas of one batch-norm layer meet during one DataParallel forward.
 
@@ -120,51 +159,42 @@ class ReplicaGroup:
     second use (from backward) is the backward sum, whatever order backward runs in. The
     sum is computed on the first replica's device in at least float32 and copied back.
 
-    Nothing waits forever: a replica that raised or finished its forward without making
-    the call others wait at fails the group at once, and any other wait ends after
-    ``timeout`` seconds. Every waiting replica then raises :class:`SynchronizationError`
-    naming ``layer``.
+    Nothing waits forever: a replica that raised, finished its forward without making the
+    call others wait at, or waits at another layer while everyone else waits too, fails the
+    forward at once; any other wait ends after ``timeout`` seconds. Every waiting replica
+    then raises :class:`SynchronizationError` naming ``layer``.
 
     Args:
         num_replicas: how many replicas take part.
         layer: how errors name the layer, e.g. ``"SynchronizedBatchNorm2d 'features.1'"``.
         timeout: seconds a replica waits for the others.
+        monitor: shared by the groups of one forward (a new one if None).
     """
 
-    def __init__(self, num_replicas: int, layer: str, timeout: float) -> None:
+    def __init__(
+        self, num_replicas: int, layer: str, timeout: float, monitor: ReplicaMonitor | None = None
+    ) -> None:
         self.num_replicas = num_replicas
         self.layer = layer
         self.timeout = timeout
-        self._cv = threading.Condition()
+        self.monitor = monitor or ReplicaMonitor(num_replicas)
         self._rounds: dict[tuple[int, int], _Round] = {}
         self._calls = [0] * num_replicas
-        self._ended: list[tuple[BaseException | None] | None] = [None] * num_replicas
-        self._failure: str | None = None
 
     def reducer(self, replica: int) -> Callable[[Tensor], Tensor]:
         """The reducer for ``replica``'s next call of the layer."""
-        with self._cv:
+        with self.monitor.cv:
             call = self._calls[replica]
             self._calls[replica] += 1
         return _ReplicaCallReducer(self, replica, call)
 
-    def forward_ended(self, replica: int, error: BaseException | None = None) -> None:
-        """Tell the group that ``replica``'s forward returned (or raised ``error``)."""
-        with self._cv:
-            self._ended[replica] = (error,)
-            self._cv.notify_all()
-
-    def _fail(self, message: str) -> None:
-        if self._failure is None:
-            self._failure = f"{self.layer}: {message}"
-        self._cv.notify_all()
-
     def _unreachable(self, rnd: _Round, call: int, replica: int) -> str | None:
         """Why some replica missing from ``rnd`` can never arrive, or None."""
         for other, part in enumerate(rnd.parts):
-            if part is not None or self._ended[other] is None:
+            ended = self.monitor.ended[other]
+            if part is not None or ended is None:
                 continue
-            (error,) = self._ended[other]  # type: ignore[misc]
+            (error,) = ended
             if error is not None:
                 return (
                     f"replica {other} raised {type(error).__name__}({error}) and will not reach "
@@ -178,48 +208,61 @@ class ReplicaGroup:
                 )
         return None
 
-    def _sum_parts(self, rnd: _Round, call: int, use: int) -> None:
+    def _sum_parts(self, rnd: _Round, call: int, use: int) -> str | None:
+        """Sum the parts into ``rnd.result``; or say why they cannot be summed."""
         parts = rnd.parts
         shapes = [tuple(p.shape) for p in parts]  # type: ignore[union-attr]
         if len(set(shapes)) != 1:
             listing = ", ".join(f"replica {i} {s}" for i, s in enumerate(shapes))
-            self._fail(
+            return (
                 f"replicas sent different shapes to the {_use_name(use)} sum of call "
                 f"{call + 1} ({listing}); every replica must give this layer the same number "
                 "of channels"
             )
-            return
         first = parts[0]
         dtype = torch.promote_types(first.dtype, torch.float32)  # never sum in float16
         rnd.result = torch.stack([p.to(first.device, dtype) for p in parts]).sum(0)
+        return None
 
     def _exchange(self, replica: int, call: int, use: int, t: Tensor) -> Tensor:
+        monitor = self.monitor
         deadline = time.monotonic() + self.timeout
         key = (call, use)
-        with self._cv:
+        with monitor.cv:
             rnd = self._rounds.setdefault(key, _Round(self.num_replicas))
             rnd.parts[replica] = t.detach()
             rnd.arrived += 1
-            if rnd.arrived == self.num_replicas and self._failure is None:
-                self._sum_parts(rnd, call, use)
-                self._cv.notify_all()
-            while rnd.result is None and self._failure is None:
-                reason = self._unreachable(rnd, call, replica)
-                remaining = deadline - time.monotonic()
-                if reason is None and remaining <= 0:
-                    missing = [i for i, p in enumerate(rnd.parts) if p is None]
-                    reason = (
-                        f"replica {replica} waited {self.timeout:g} s at the {_use_name(use)} sum "
-                        f"of call {call + 1} for replica(s) {missing}, which did not arrive (one "
-                        "hangs, or calls this layer a different number of times); the timeout is "
-                        "DataParallelWithCallback(sync_timeout=...)"
-                    )
-                if reason is not None:
-                    self._fail(reason)
-                    break
-                self._cv.wait(remaining)
+            if rnd.arrived == self.num_replicas and monitor.failure is None:
+                problem = self._sum_parts(rnd, call, use)
+                if problem is not None:
+                    monitor.fail(f"{self.layer}: {problem}")
+                monitor.cv.notify_all()
+            in_forward = monitor.ended[replica] is None
+            if in_forward:
+                monitor.waiting[replica] = f"{self.layer} call {call + 1}"
+            try:
+                while rnd.result is None and monitor.failure is None:
+                    reason = self._unreachable(rnd, call, replica)
+                    if reason is None and in_forward:
+                        reason = monitor.deadlocked()
+                    remaining = deadline - time.monotonic()
+                    if reason is None and remaining <= 0:
+                        missing = [i for i, p in enumerate(rnd.parts) if p is None]
+                        reason = (
+                            f"replica {replica} waited {self.timeout:g} s at the "
+                            f"{_use_name(use)} sum of call {call + 1} for replica(s) {missing}, "
+                            "which did not arrive (one hangs, or calls this layer a different "
+                            "number of times); the timeout is DataParallelWithCallback("
+                            "sync_timeout=...)"
+                        )
+                    if reason is not None:
+                        monitor.fail(f"{self.layer}: {reason}")
+                        break
+                    monitor.cv.wait(remaining)
+            finally:
+                monitor.waiting[replica] = None
             if rnd.result is None:
-                raise SynchronizationError(self._failure)
+                raise SynchronizationError(monitor.failure)
             result = rnd.result
             rnd.taken += 1
             if rnd.taken == self.num_replicas:

@@ -29,14 +29,18 @@ def _cases(kind: str):
                     inner = getattr(entry, "module_error_input", entry)
                     desc = getattr(inner, "desc", "")
                     yield pytest.param(
-                        info, entry, dtype, training,
-                        id=f"{info.module_cls.__name__}-{desc or i}-{dtype}-{'train' if training else 'eval'}",
+                        info,
+                        entry,
+                        dtype,
+                        training,
+                        id=f"{info.module_cls.__name__}-{desc or i}-{dtype}-{('eval', 'train')[training]}",
                     )
 
 
 def _forward_backward(module, args, kwargs):
-    args = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
-            for a in args]
+    args = [
+        a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args
+    ]
     out = module(*args, **kwargs)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
