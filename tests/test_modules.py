@@ -1,0 +1,164 @@
+"""The stateful layers: constructor, checkpoints, eps modes, SyncBatchNorm drop-in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fsyncbn import (
+    SyncBatchNorm,
+    SynchronizedBatchNorm1d,
+    SynchronizedBatchNorm2d,
+    SynchronizedBatchNorm3d,
+    get_sbn_eps_mode,
+    set_sbn_eps_mode,
+)
+from tests.reference import float64_moments
+
+PAIRS = [
+    (nn.BatchNorm1d, SynchronizedBatchNorm1d, (6, 4, 5)),
+    (nn.BatchNorm2d, SynchronizedBatchNorm2d, (6, 4, 3, 3)),
+    (nn.BatchNorm3d, SynchronizedBatchNorm3d, (6, 4, 2, 3, 3)),
+    (nn.SyncBatchNorm, SyncBatchNorm, (6, 4, 3)),
+]
+
+
+@pytest.mark.parametrize(("torch_cls", "cls", "shape"), PAIRS)
+def test_checkpoints_load_both_ways(torch_cls, cls, shape):
+    theirs = torch_cls(4)
+    with torch.no_grad():
+        theirs.weight.uniform_()
+        theirs.running_mean.uniform_()
+        theirs.num_batches_tracked += 7
+    ours = cls(4)
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    back = torch_cls(4)
+    back.load_state_dict(ours.state_dict())
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value)
+
+
+@pytest.mark.parametrize(
+    ("cls", "bad_dims", "message"),
+    [
+        (SynchronizedBatchNorm1d, 4, r"expected 2D or 3D input \(got 4D input\)"),
+        (SynchronizedBatchNorm2d, 3, r"expected 4D input \(got 3D input\)"),
+        (SynchronizedBatchNorm3d, 4, r"expected 5D input \(got 4D input\)"),
+        (SyncBatchNorm, 1, r"expected at least 2D input \(got 1D input\)"),
+    ],
+)
+def test_input_dimension_checks_as_torch(cls, bad_dims, message):
+    with pytest.raises(ValueError, match=message):
+        cls(3)(torch.randn(*([3] * bad_dims)))
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+def test_sync_batchnorm_takes_any_rank_and_equals_torch_locally(rank):
+    x = torch.randn(4, 3, *([3] * (rank - 2)), dtype=torch.float64)
+    ours = SyncBatchNorm(3, dtype=torch.float64)
+    ref = nn.BatchNorm1d(3, dtype=torch.float64) if rank <= 3 else None
+    out = ours(x)
+    mean, var, var_unbiased = float64_moments(x)
+    shape = (1, 3) + (1,) * (rank - 2)
+    torch.testing.assert_close(out, (x - mean.view(shape)) / torch.sqrt(var.view(shape) + 1e-5))
+    torch.testing.assert_close(ours.running_var, 0.9 + 0.1 * var_unbiased)
+    if ref is not None:
+        torch.testing.assert_close(out, ref(x))
+
+
+def test_sync_batchnorm_constructor_matches_torch():
+    group = None
+    ours = SyncBatchNorm(5, 1e-3, 0.2, True, True, group, None, torch.float64, bias=False)
+    assert (ours.eps, ours.momentum, ours.affine, ours.bias, ours.running_mean.dtype) == (
+        1e-3,
+        0.2,
+        True,
+        None,
+        torch.float64,
+    )
+    assert ours.process_group is None
+
+
+def test_convert_sync_batchnorm_classmethod():
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Sequential(nn.BatchNorm2d(4)))
+    weight = net[1].weight
+    converted = SyncBatchNorm.convert_sync_batchnorm(net)
+    assert type(converted[1]) is SyncBatchNorm and type(converted[2][0]) is SyncBatchNorm
+    assert converted[1].weight is weight
+    single = SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm3d(2))
+    assert type(single) is SyncBatchNorm
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "message"),
+    [
+        ({"num_features": 0}, ValueError, r"SynchronizedBatchNorm2d: expected num_features > 0, got 0"),
+        ({"num_features": 2.5}, ValueError, r"SynchronizedBatchNorm2d: expected num_features > 0, got 2.5"),
+        ({"eps": -1.0}, ValueError, r"SynchronizedBatchNorm2d: expected eps >= 0, got -1.0"),
+        (
+            {"momentum": 2.0},
+            ValueError,
+            r"SynchronizedBatchNorm2d: expected momentum in \[0, 1\] or None, got 2.0",
+        ),
+        (
+            {"eps_mode": "max"},
+            ValueError,
+            r"SynchronizedBatchNorm2d: expected eps_mode 'plus' or 'clamp', got 'max'",
+        ),
+        (
+            {"process_group": "world"},
+            TypeError,
+            r"ProcessGroupReducer: expected group to be a torch.distributed.ProcessGroup or None, got str",
+        ),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, exc, message):
+    kwargs = {"num_features": 3, **kwargs}
+    with pytest.raises(exc, match=message):
+        SynchronizedBatchNorm2d(**kwargs)
+
+
+def test_eps_mode_explicit_and_global():
+    x = torch.randn(5, 2, 4, dtype=torch.float64) * torch.tensor([1e-4, 1.0], dtype=torch.float64).view(
+        1, 2, 1
+    )
+    eps = 1e-5
+    _, var, _ = float64_moments(x)
+
+    def expected(mode):
+        denom = torch.sqrt(torch.clamp(var, min=eps)) if mode == "clamp" else torch.sqrt(var + eps)
+        return (x - x.mean((0, 2), keepdim=True)) / denom.view(1, 2, 1)
+
+    explicit = SynchronizedBatchNorm1d(2, eps=eps, affine=False, eps_mode="clamp").double()
+    follows = SynchronizedBatchNorm1d(2, eps=eps, affine=False).double()
+    assert get_sbn_eps_mode() == "plus"
+    torch.testing.assert_close(follows(x), expected("plus"))
+    try:
+        set_sbn_eps_mode("clamp")  # applies at forward time to layers built without eps_mode
+        torch.testing.assert_close(follows(x), expected("clamp"))
+        pinned = SynchronizedBatchNorm1d(2, eps=eps, affine=False, eps_mode="plus").double()
+        torch.testing.assert_close(pinned(x), expected("plus"))
+    finally:
+        set_sbn_eps_mode("plus")
+    torch.testing.assert_close(explicit(x), expected("clamp"))
+    assert "eps_mode='clamp'" in repr(explicit)
+    with pytest.raises(ValueError, match=r"set_sbn_eps_mode: expected 'plus' or 'clamp', got 'x'"):
+        set_sbn_eps_mode("x")
+
+
+def test_forward_writes_buffers_only_from_the_returned_state_and_backward_still_works():
+    bn = SynchronizedBatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    y = bn(x)
+    y2 = bn(x)  # a second forward overwrites the buffers before the first backward
+    ((y + y2) * torch.randn_like(y)).sum().backward()
+    assert int(bn.num_batches_tracked) == 2 and x.grad.abs().sum() > 0
+
+
+def test_modules_pick_no_reducer_without_context():
+    bn = SynchronizedBatchNorm2d(3)
+    assert bn._reducer() is None
+    bn.eval()
+    assert bn._reducer() is None

@@ -1,0 +1,59 @@
+"""The torch.distributed path of the modules: DDP over gloo processes, process_group scoping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from fsyncbn import SynchronizedBatchNorm1d, convert_model
+from tests.distributed import spawn
+from tests.models import TinyResNet
+from tests.reference import informative_grad
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+SPLITS = [3, 0, 5]
+
+
+def _ddp_equals_global(rank, world_size):
+    torch.manual_seed(0)
+    model = convert_model(TinyResNet()).double()
+    reference = TinyResNet().double()
+    reference.load_state_dict(model.state_dict())
+    ddp = DDP(model)
+    x = torch.randn(sum(SPLITS), 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    g = informative_grad((sum(SPLITS), 5), torch.float64)
+    for step in range(2):
+        xs = (x + step).split(SPLITS)
+        out = ddp(xs[rank])
+        (out * g.split(SPLITS)[rank]).sum().backward()
+        ref_out = reference(x + step)
+        (ref_out * g).sum().backward()
+        torch.testing.assert_close(out, ref_out.split(SPLITS)[rank], rtol=1e-9, atol=1e-9)
+    # DDP averages gradients over ranks; the reference summed over the whole batch.
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad * world_size, p_ref.grad, rtol=1e-9, atol=1e-9, msg=name)
+    for (name, b), b_ref in zip(model.named_buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(b, b_ref, rtol=1e-9, atol=1e-9, msg=name)
+        gathered = [torch.empty_like(b) for _ in range(world_size)]
+        dist.all_gather(gathered, b)
+        assert all(torch.equal(t, b) for t in gathered), f"{name} differs between ranks"
+
+    # process_group scopes the synchronisation: ranks 0 and 1 together, rank 2 alone.
+    pair, alone = dist.new_group([0, 1]), dist.new_group([2])
+    bn = SynchronizedBatchNorm1d(4, process_group=pair if rank < 2 else alone).double()
+    data = torch.randn(6, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    shards = [data[:2], data[2:6], data[:]]
+    bn(shards[rank])
+    expected = data if rank < 2 else shards[2]
+    torch.testing.assert_close(bn.running_mean, 0.1 * expected.mean(0), rtol=1e-12, atol=1e-12)
+    # Eval mode never synchronises: a rank may run it alone.
+    if rank == 0:
+        bn.eval()
+        bn(torch.randn(3, 4, dtype=torch.float64))
+
+
+def test_ddp_equals_one_process_on_the_whole_batch():
+    spawn(3, _ddp_equals_global)
