@@ -80,3 +80,32 @@ def _global_errors(rank, world_size):
 @pytest.mark.slow
 def test_global_errors_and_reducer_gradient_over_gloo():
     spawn(2, _global_errors)
+
+
+def _compiled_over_gloo(rank, world_size):
+    """sync_batch_norm with ProcessGroupReducer under torch.compile(fullgraph=True)."""
+
+    def step(x, state, w, b):
+        return sync_batch_norm(x, state, w, b, reducer=ProcessGroupReducer())
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(sum(SPLITS), 4, 3, generator=gen, dtype=torch.float64)
+    w, b = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
+    g = informative_grad(x.shape, x.dtype)
+    state = init_state(4, dtype=torch.float64)
+    assert torch._dynamo.explain(step)(x.split(SPLITS)[rank], state, w, b).graph_break_count == 0
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    y_ref, (dx_ref, _, _), state_ref = torch_batch_norm(x, state, w, b, g, training=True)
+    xi = x.split(SPLITS)[rank].clone().requires_grad_()
+    y, new_state = compiled(xi, state, w, b)
+    (y * g.split(SPLITS)[rank]).sum().backward()
+    torch.testing.assert_close(y, y_ref.split(SPLITS)[rank], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(xi.grad, dx_ref.split(SPLITS)[rank], rtol=1e-9, atol=1e-9)
+    for key in state_ref:
+        torch.testing.assert_close(new_state[key], state_ref[key], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_compiled_sync_batch_norm_over_gloo():
+    spawn(3, _compiled_over_gloo, timeout_s=300)

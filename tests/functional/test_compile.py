@@ -1,0 +1,58 @@
+"""The functional ops under torch.compile(fullgraph=True): no graph break, same results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fsyncbn.functional import batch_norm, init_state, sync_batch_norm
+from fsyncbn.reducers import LocalReducer
+from tests.reference import informative_grad
+
+pytestmark = pytest.mark.slow
+
+CASES = {
+    "local": {"reducer": None},
+    "local-cumulative": {"reducer": None, "momentum": None},
+    "sync": {"reducer": LocalReducer()},
+    "sync-cumulative-clamp": {"reducer": LocalReducer(), "momentum": None, "eps_mode": "clamp"},
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_compiled_equals_eager_without_graph_breaks(case):
+    kwargs = CASES[case]
+
+    def step(x, state, w, b):
+        return batch_norm(x, state, w, b, training=True, **kwargs)
+
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    w = torch.rand(3, dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64)
+    state = init_state(3, dtype=torch.float64)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(step)(x, state, w, b).graph_break_count == 0
+    compiled = torch.compile(step, fullgraph=True)
+    g = informative_grad(x.shape, x.dtype)
+    eager_state = compiled_state = state
+    for _ in range(3):
+        results = []
+        for fn, st in ((step, eager_state), (compiled, compiled_state)):
+            xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+            y, new_state = fn(xi, st, wi, bi)
+            (y * g).sum().backward()
+            results.append((y.detach(), xi.grad, wi.grad, bi.grad, new_state))
+        (*eager, eager_state), (*comp, compiled_state) = results
+        for e, c in zip(eager, comp, strict=True):
+            torch.testing.assert_close(c, e, rtol=1e-9, atol=1e-9)
+        for key in eager_state:
+            torch.testing.assert_close(compiled_state[key], eager_state[key], rtol=1e-9, atol=1e-9)
+
+
+def test_header_check_is_an_async_assert_under_compile():
+    compiled = torch.compile(
+        lambda x: sync_batch_norm(x, None, reducer=LocalReducer())[0], fullgraph=True
+    )
+    assert compiled(torch.randn(4, 3)).shape == (4, 3)
+    with pytest.raises(RuntimeError, match="expected more than 1 value per channel when training"):
+        compiled(torch.randn(1, 3))
