@@ -42,6 +42,7 @@ class Config:
     seed: int = 0
     out: str = "small_batch.png"
     show_progress: bool = True
+    max_steps: int | None = None
 
 
 def load_digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,6 +102,7 @@ def train(rank: int, world_size: int, cfg: Config, sync: bool, distributed: bool
     net = DDP(model) if distributed else model
     opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9)
     batches = global_batches(len(y_train), per * world_size, cfg.epochs, cfg.seed)
+    batches = batches[: cfg.max_steps]
     losses = []
     progress = None
     if cfg.show_progress and rank == 0:
@@ -212,9 +214,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="small_batch.png", help="where to write the plot")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     a = p.parse_args(argv)
     return Config(a.world_size, a.per_process_batch, a.epochs, a.lr, a.seed, a.out,
-                  not a.no_progress)
+                  not a.no_progress, a.max_steps)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,104 @@
+"""Every example runs as written (tiny settings); torchrun on one and on two "nodes"."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed import free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def _run(*args: str, timeout: float = 300) -> str:
+    result = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_small_batch_demo(tmp_path):
+    out = _run("examples/small_batch.py", "--world-size", "2", "--per-process-batch", "2",
+               "--max-steps", "30", "--no-progress", "--out", str(tmp_path / "plot.png"))
+    gap = float(re.search(r"largest \|loss \(ii\) - loss \(iii\)\| over 30 steps: (\S+)", out)[1])
+    assert gap < 1e-9, out
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
+    for run in ("(i) 2x2 nn.BatchNorm", "(ii) 2x2 fsyncbn", "(iii) 1x4 nn.BatchNorm"):
+        assert run in out
+
+
+def test_functional_example():
+    out = _run("examples/functional.py")
+    gap = float(re.search(r"batch norm on all 10: max difference (\S+)", out)[1])
+    assert gap < 1e-12
+
+
+def test_dataparallel_example():
+    assert "replica(s); running_mean" in _run("examples/dataparallel.py")
+
+
+def test_compile_example():
+    out = _run("examples/compile.py")
+    assert "graph breaks: 0" in out and "running stats equal: True" in out
+
+
+def _reference_stats(world_size: int, steps: int = 5, per_process_batch: int = 2):
+    """One process, no synchronisation, the whole global batch: what DDP + fsyncbn must give."""
+    example = _load("ddp_torchrun")
+    model = example.make_model()
+    example.train(model, example.global_batches(steps, per_process_batch * world_size), 0, 1)
+    return {k: v for k, v in model.state_dict().items() if "running" in k}
+
+
+def _check_stats(stats_dir: Path, world_size: int) -> None:
+    per_rank = [torch.load(stats_dir / f"rank{r}.pt") for r in range(world_size)]
+    reference = _reference_stats(world_size)
+    for stats in per_rank:
+        assert stats.keys() == reference.keys()
+        for key in reference:
+            assert torch.equal(stats[key], per_rank[0][key]), f"{key} differs between ranks"
+            torch.testing.assert_close(stats[key], reference[key], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.distributed
+def test_ddp_torchrun_one_node(tmp_path):
+    _run("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(free_port()), "examples/ddp_torchrun.py", "--timeout", "30",
+         "--stats-dir", str(tmp_path))
+    _check_stats(tmp_path, 2)
+
+
+@pytest.mark.distributed
+def test_ddp_torchrun_two_nodes(tmp_path):
+    port = str(free_port())
+    launches = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+             str(node), "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
+             "examples/ddp_torchrun.py", "--timeout", "30", "--stats-dir", str(tmp_path)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for node in (0, 1)
+    ]
+    for launch in launches:
+        out, _ = launch.communicate(timeout=300)
+        assert launch.returncode == 0, out[-3000:]
+    _check_stats(tmp_path, 2)
