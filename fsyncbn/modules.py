@@ -16,13 +16,13 @@ Which participants a layer synchronises with, in training:
 In eval mode the running statistics are used and nothing is synchronised.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: TorchScript reads these annotations at runtime.
 import inspect
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
@@ -75,6 +75,12 @@ def get_sbn_eps_mode() -> str:
 
 class _SynchronizedBatchNorm(_BatchNorm):
     """Shared body of the synchronized layers; see the module docstring."""
+
+    # TorchScript: the scripted forward is torch's local batch norm (see _scripted_forward);
+    # what only Python needs stays out of the script.
+    eps_mode: Optional[str]  # noqa: UP045 - TorchScript reads this annotation
+    __jit_unused_properties__ = ["process_group"]
+    __jit_ignored_attributes__ = ["_process_group_reducer", "_replica"]
 
     def __init__(
         self,
@@ -133,6 +139,36 @@ class _SynchronizedBatchNorm(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input)
+        return self._synchronized_forward(input)
+
+    def _scripted_forward(self, input: Tensor) -> Tensor:
+        """Under TorchScript: nn.BatchNorm's own computation, without synchronisation.
+
+        TorchScript cannot compile the functional op (keyword-only defaults, Literal,
+        torch.distributed), so a scripted layer is local, serves eps_mode "plus" only, and
+        does not see set_sbn_eps_mode.
+        """
+        eps_mode = self.eps_mode
+        if eps_mode is not None and eps_mode == "clamp":
+            raise RuntimeError("a scripted synchronized batch norm supports eps_mode 'plus' only")
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            num_batches_tracked = self.num_batches_tracked
+            if num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+                if self.momentum is None:
+                    factor = 1.0 / float(num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return F.batch_norm(
+            input, self.running_mean if track else None, self.running_var if track else None,
+            self.weight, self.bias, use_batch_stats, factor, self.eps,
+        )
+
+    @torch.jit.unused
+    def _synchronized_forward(self, input: Tensor) -> Tensor:
         use_running_stats = self.running_mean is not None and (
             not self.training or self.track_running_stats
         )
@@ -165,7 +201,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
     @classmethod
     def from_batchnorm(
         cls, module: _BatchNorm, process_group: dist.ProcessGroup | None = None
-    ) -> _SynchronizedBatchNorm:
+    ) -> "_SynchronizedBatchNorm":
         """A layer of this class holding ``module``'s very parameters, buffers and flags."""
         eps_mode = module.eps_mode if isinstance(module, _SynchronizedBatchNorm) else None
         return _transfer(module, cls, process_group=process_group, eps_mode=eps_mode)
