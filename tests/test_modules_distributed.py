@@ -57,3 +57,39 @@ def _ddp_equals_global(rank, world_size):
 
 def test_ddp_equals_one_process_on_the_whole_batch():
     spawn(3, _ddp_equals_global)
+
+
+def _ddp_compiled(rank, world_size):
+    import copy
+
+    splits = [2, 3]
+    torch.manual_seed(0)
+    base = convert_model(TinyResNet()).double()
+    gen = torch.Generator().manual_seed(4)
+    batches = [torch.randn(sum(splits), 3, 8, 8, dtype=torch.float64, generator=gen) for _ in range(2)]
+    g = informative_grad((sum(splits), 5), torch.float64)
+
+    def train(net, model):
+        outs = []
+        for x in batches:
+            out = net(x.split(splits)[rank])
+            net.zero_grad()
+            (out * g.split(splits)[rank]).sum().backward()
+            outs.append(out.detach())
+        return outs, [p.grad for p in model.parameters()], list(model.buffers())
+
+    eager_model = copy.deepcopy(base)
+    eager = train(DDP(eager_model), eager_model)
+    inner = copy.deepcopy(base)
+    compiled_inner = torch.compile(inner, fullgraph=True)
+    assert torch._dynamo.explain(copy.deepcopy(base))(batches[0][:2]).graph_break_count == 0
+    compiled = train(DDP(compiled_inner), inner)
+    outer_model = copy.deepcopy(base)
+    outer = train(torch.compile(DDP(outer_model)), outer_model)  # not fullgraph: DDP's logger breaks
+    for result in (compiled, outer):
+        for got, want in zip(result[0] + result[1] + result[2], eager[0] + eager[1] + eager[2], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_ddp_of_a_compiled_model_equals_eager():
+    spawn(2, _ddp_compiled, timeout_s=400)

@@ -1,0 +1,132 @@
+"""Models holding fsyncbn layers under torch.compile, TorchScript and torch.export."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fsyncbn import (
+    SyncBatchNorm,
+    SynchronizedBatchNorm1d,
+    SynchronizedBatchNorm2d,
+    SynchronizedBatchNorm3d,
+    convert_model,
+)
+from tests.models import TinyResNet
+
+pytestmark = pytest.mark.slow
+
+
+def _model(dtype=torch.float32, **bn_kwargs):
+    torch.manual_seed(0)
+    return convert_model(nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, **bn_kwargs), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.BatchNorm1d(5, **bn_kwargs),
+    )).to(dtype)
+
+
+CONFIGS = {
+    "default": ({}, torch.float32, torch.contiguous_format, None),
+    "momentum-none": ({"momentum": None}, torch.float32, torch.contiguous_format, None),
+    "no-running-stats": ({"track_running_stats": False}, torch.float32, torch.contiguous_format, None),
+    "not-affine": ({"affine": False}, torch.float32, torch.contiguous_format, None),
+    "channels-last": ({}, torch.float32, torch.channels_last, None),
+    "float64": ({"momentum": None}, torch.float64, torch.contiguous_format, None),
+    "autocast-bfloat16": ({}, torch.float32, torch.contiguous_format, torch.bfloat16),
+    "autocast-float16": ({}, torch.float32, torch.contiguous_format, torch.float16),
+}
+
+
+def _steps(model, inputs, grads, autocast):
+    """Training steps (then one eval step): outputs, parameter grads, buffers after each."""
+    record = []
+    for i, (x, g) in enumerate(zip(inputs, grads, strict=True)):
+        model.train(i < len(inputs) - 1)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            out = model(x)
+        if model.training:
+            model.zero_grad()
+            (out.float() * g).sum().backward()
+        record.append((out.detach().float(),
+                       [p.grad.clone() for p in model.parameters() if p.grad is not None],
+                       [b.clone() for b in model.buffers()]))
+    return record
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_compiled_equals_eager_without_graph_breaks(config):
+    bn_kwargs, dtype, layout, autocast = CONFIGS[config]
+    eager = _model(dtype, **bn_kwargs)
+    compiled_model = copy.deepcopy(eager)
+    gen = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(6, 3, 8, 8, generator=gen, dtype=dtype).contiguous(memory_format=layout)
+              for _ in range(4)]
+    grads = [torch.randn(6, 5, generator=gen) for _ in range(4)]
+    torch._dynamo.reset()
+    for training in (True, False):
+        probe = copy.deepcopy(eager).train(training)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            assert torch._dynamo.explain(probe)(inputs[0]).graph_break_count == 0
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    tol = {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    for (out_e, g_e, b_e), (out_c, g_c, b_c) in zip(
+        _steps(eager, inputs, grads, autocast), _steps(compiled, inputs, grads, autocast), strict=True
+    ):
+        for c, e in zip([out_c, *g_c, *b_c], [out_e, *g_e, *b_e], strict=True):
+            if autocast is None:
+                torch.testing.assert_close(c, e, **tol)
+            else:  # reduced precision: compare the error to the tensor's size, not elementwise
+                e = e.float()
+                assert (c.float() - e).norm() <= 2e-2 * e.norm() + 1e-3
+
+
+SCRIPTABLE = [
+    (SynchronizedBatchNorm1d, (6, 4, 5)),
+    (SynchronizedBatchNorm2d, (6, 4, 3, 3)),
+    (SynchronizedBatchNorm3d, (6, 4, 2, 3, 3)),
+    (SyncBatchNorm, (6, 4, 3)),
+]
+
+
+@pytest.mark.parametrize(("cls", "shape"), SCRIPTABLE, ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_torchscript_equals_eager(cls, shape, momentum):
+    eager = cls(4, momentum=momentum, dtype=torch.float64)
+    scripted = torch.jit.script(copy.deepcopy(eager))
+    x = torch.randn(shape, dtype=torch.float64)
+    for training in (True, True, False):
+        eager.train(training)
+        scripted.train(training)
+        torch.testing.assert_close(scripted(x), eager(x), rtol=1e-12, atol=1e-12)
+        for b_s, b_e in zip(scripted.buffers(), eager.buffers(), strict=True):
+            torch.testing.assert_close(b_s, b_e, rtol=1e-12, atol=1e-12)
+
+
+def test_torchscript_of_a_converted_model_and_clamp_mode():
+    eager = convert_model(TinyResNet()).double()
+    scripted = torch.jit.script(copy.deepcopy(eager))
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    for training in (True, False):
+        eager.train(training)
+        scripted.train(training)
+        torch.testing.assert_close(scripted(x), eager(x), rtol=1e-12, atol=1e-12)
+    clamp = torch.jit.script(SynchronizedBatchNorm1d(3, eps_mode="clamp"))
+    with pytest.raises(torch.jit.Error, match="supports eps_mode .plus. only"):
+        clamp(torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_export_equals_eager(training):
+    eager = convert_model(TinyResNet()).train(training)
+    exported_source = copy.deepcopy(eager)
+    x = torch.randn(4, 3, 8, 8)
+    program = torch.export.export(exported_source, (x,))
+    module = program.module()
+    for _ in range(2):
+        torch.testing.assert_close(module(x), eager(x), rtol=1e-5, atol=1e-5)
+    eager_buffers = dict(eager.named_buffers())
+    for name, value in module.named_buffers():
+        torch.testing.assert_close(value, eager_buffers[name], rtol=1e-5, atol=1e-5)
