@@ -64,11 +64,14 @@ def pack_moments(mean: Tensor, m2: Tensor, count: int) -> Tensor:
     """The float64 message ``[1, C, C*C, n, n*m, M2 + n*m^2]`` of one participant."""
     channels = mean.shape[0]
     mean64 = mean.to(torch.float64)
-    header = torch.tensor(
-        [1.0, channels, channels * channels, count], dtype=torch.float64, device=mean.device
-    )
+    # Filled on the device, not copied from host memory: a host-to-device copy would
+    # synchronise and cannot be captured in a CUDA graph.
+    header = [
+        torch.full((1,), value, dtype=torch.float64, device=mean.device)
+        for value in (1.0, channels, channels * channels, count)
+    ]
     weighted_mean = mean64 * count
-    return torch.cat([header, weighted_mean, m2.to(torch.float64) + weighted_mean * mean64])
+    return torch.cat([*header, weighted_mean, m2.to(torch.float64) + weighted_mean * mean64])
 
 
 def check_header(fn: str, total: Tensor, input: Tensor, training: bool) -> None:

@@ -94,13 +94,21 @@ class SyncNormalize(torch.autograd.Function):
         input, weight, mean, var, count = ctx.saved_tensors
         dtype = stats_dtype(input)
         channels = input.shape[1]
+        invstd = torch.rsqrt(var + ctx.eps)
         if values_per_channel(input) == 0:
             local_sums = torch.zeros(2 * channels, dtype=dtype, device=input.device)
         else:
-            # The inference-form native backward yields exactly the two local sums
-            # (grad_weight = sum dy * xhat, grad_bias = sum dy) in one pass.
+            # The native backward, fed the global mean and inverse std as the saved batch
+            # statistics and asked for no input gradient, yields exactly the two local sums
+            # (grad_weight = sum dy * xhat, grad_bias = sum dy) in one pass. The weight does
+            # not enter these sums, but CUDA's kernel requires one.
+            native_weight = (
+                torch.ones(channels, dtype=dtype, device=input.device)
+                if weight is None
+                else weight.to(dtype)
+            )
             _, sum_dy_xhat, sum_dy = _native_backward(
-                grad_output, input, None, mean, var, None, None, False, ctx.eps,
+                grad_output, input, native_weight, None, None, mean, invstd, True, ctx.eps,
                 [False, True, True],
             )
             local_sums = torch.cat([sum_dy.to(dtype), sum_dy_xhat.to(dtype)])
@@ -111,7 +119,6 @@ class SyncNormalize(torch.autograd.Function):
 
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            invstd = torch.rsqrt(var + ctx.eps)
             scale = invstd if weight is None else invstd * weight.to(dtype)
             n = count.to(dtype).clamp(min=1)
             mean_dy = global_sum_dy / n
