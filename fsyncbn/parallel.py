@@ -58,9 +58,13 @@ class ReplicaRun:
 
     def run(self, index: int, *args: Any, **kwargs: Any) -> Any:
         """Run replica ``index`` on the inputs, then tell every group it has ended."""
+        return self.run_with(index, self.replicas[index], *args, **kwargs)
+
+    def run_with(self, index: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` (replica ``index`` itself, or a compiled wrapper of it) as that replica."""
         error: BaseException | None = None
         try:
-            return self.replicas[index](*args, **kwargs)
+            return fn(*args, **kwargs)
         except BaseException as exc:
             error = exc
             raise

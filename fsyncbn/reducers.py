@@ -10,9 +10,10 @@ in forward and once in backward, on O(C) numbers. Write your own for another tra
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
-from collections.abc import Callable
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,7 @@ __all__ = [
     "ProcessGroupReducer",
     "ReplicaGroup",
     "ReplicaMonitor",
+    "ReplicaReducer",
     "SynchronizationError",
 ]
 
@@ -100,7 +102,7 @@ class SynchronizationError(RuntimeError):
 
 
 class _Round:
-    """One sum among the replicas: their parts, then the result (or why there is none)."""
+    """One sum among the replicas: their parts, then the result."""
 
     def __init__(self, num_replicas: int) -> None:
         self.parts: list[Tensor | None] = [None] * num_replicas
@@ -109,17 +111,13 @@ class _Round:
         self.result: Tensor | None = None
 
 
-def _use_name(use: int) -> str:
-    return {0: "forward", 1: "backward"}.get(use, f"use {use + 1}")
-
-
 class ReplicaMonitor:
     """What the replicas of one forward are doing, shared by all of its replica groups.
 
-    It lets a wait end as soon as it can never succeed: a replica raised, finished without
-    making the call, or every replica still running waits at a sum that cannot complete (a
-    deadlock across layers, as when one replica skips a layer and waits at the next).
-    A failure in one layer fails every wait of the forward.
+    It lets a wait end as soon as it can never succeed: a replica raised, finished its
+    forward without making the sum, or every replica still in its forward waits at a sum
+    that cannot complete (a deadlock across layers, as when one replica skips a layer and
+    waits at the next). A failure in one layer fails every wait of the forward.
     """
 
     def __init__(self, num_replicas: int) -> None:
@@ -154,13 +152,13 @@ class ReplicaMonitor:
 class ReplicaGroup:
     """Where the replicas of one batch-norm layer meet during one DataParallel forward.
 
-    The i-th call of the layer on each replica meets the i-th call on the others; each such
-    call gets its own reducer (:meth:`reducer`), whose first use is the forward sum and whose
-    second use (from backward) is the backward sum, whatever order backward runs in. The
-    sum is computed on the first replica's device in at least float32 and copied back.
+    The k-th sum a replica asks of this layer meets the k-th sum of every other replica:
+    forward sums in call order, then backward sums in backward order, which identical
+    replicas share. The sum is computed on the first replica's device in at least float32
+    and copied back.
 
     Nothing waits forever: a replica that raised, finished its forward without making the
-    call others wait at, or waits at another layer while everyone else waits too, fails the
+    sum others wait at, or waits at another layer while everyone else waits too, fails the
     forward at once; any other wait ends after ``timeout`` seconds. Every waiting replica
     then raises :class:`SynchronizationError` naming ``layer``.
 
@@ -178,17 +176,15 @@ class ReplicaGroup:
         self.layer = layer
         self.timeout = timeout
         self.monitor = monitor or ReplicaMonitor(num_replicas)
-        self._rounds: dict[tuple[int, int], _Round] = {}
-        self._calls = [0] * num_replicas
+        self._rounds: dict[int, _Round] = {}
+        self._sums = [0] * num_replicas  # sums asked so far, per replica
+        self._reducers = [ReplicaReducer(self, r) for r in range(num_replicas)]
 
-    def reducer(self, replica: int) -> Callable[[Tensor], Tensor]:
-        """The reducer for ``replica``'s next call of the layer."""
-        with self.monitor.cv:
-            call = self._calls[replica]
-            self._calls[replica] += 1
-        return _ReplicaCallReducer(self, replica, call)
+    def reducer(self, replica: int) -> ReplicaReducer:
+        """The reducer of ``replica`` in this group."""
+        return self._reducers[replica]
 
-    def _unreachable(self, rnd: _Round, call: int, replica: int) -> str | None:
+    def _unreachable(self, rnd: _Round, index: int, replica: int) -> str | None:
         """Why some replica missing from ``rnd`` can never arrive, or None."""
         for other, part in enumerate(rnd.parts):
             ended = self.monitor.ended[other]
@@ -198,62 +194,63 @@ class ReplicaGroup:
             if error is not None:
                 return (
                     f"replica {other} raised {type(error).__name__}({error}) and will not reach "
-                    f"call {call + 1} of this layer, where replica {replica} waits"
+                    f"sum {index + 1} of this layer, where replica {replica} waits"
                 )
-            if self._calls[other] <= call:
+            if self._sums[other] <= index:
                 return (
-                    f"replica {other} finished its forward after {self._calls[other]} call(s) of "
-                    f"this layer, but replica {replica} is at call {call + 1}: every replica must "
-                    "call each synchronized batch-norm layer the same number of times"
+                    f"replica {other} finished its forward after {self._sums[other]} sum(s) of "
+                    f"this layer, but replica {replica} waits at sum {index + 1}: every replica "
+                    "must call each synchronized batch-norm layer the same number of times"
                 )
         return None
 
-    def _sum_parts(self, rnd: _Round, call: int, use: int) -> str | None:
+    def _sum_parts(self, rnd: _Round, index: int) -> str | None:
         """Sum the parts into ``rnd.result``; or say why they cannot be summed."""
         parts = rnd.parts
         shapes = [tuple(p.shape) for p in parts]  # type: ignore[union-attr]
         if len(set(shapes)) != 1:
             listing = ", ".join(f"replica {i} {s}" for i, s in enumerate(shapes))
             return (
-                f"replicas sent different shapes to the {_use_name(use)} sum of call "
-                f"{call + 1} ({listing}); every replica must give this layer the same number "
-                "of channels"
+                f"replicas sent different shapes to sum {index + 1} ({listing}); every replica "
+                "must give this layer the same number of channels"
             )
         first = parts[0]
         dtype = torch.promote_types(first.dtype, torch.float32)  # never sum in float16
         rnd.result = torch.stack([p.to(first.device, dtype) for p in parts]).sum(0)
         return None
 
-    def _exchange(self, replica: int, call: int, use: int, t: Tensor) -> Tensor:
+    def exchange(self, replica: int, t: Tensor) -> Tensor:
+        """``replica``'s next sum: wait for the others, return the total (not differentiable)."""
         monitor = self.monitor
         deadline = time.monotonic() + self.timeout
-        key = (call, use)
         with monitor.cv:
-            rnd = self._rounds.setdefault(key, _Round(self.num_replicas))
+            index = self._sums[replica]
+            self._sums[replica] += 1
+            rnd = self._rounds.setdefault(index, _Round(self.num_replicas))
             rnd.parts[replica] = t.detach()
             rnd.arrived += 1
             if rnd.arrived == self.num_replicas and monitor.failure is None:
-                problem = self._sum_parts(rnd, call, use)
+                problem = self._sum_parts(rnd, index)
                 if problem is not None:
                     monitor.fail(f"{self.layer}: {problem}")
                 monitor.cv.notify_all()
             in_forward = monitor.ended[replica] is None
             if in_forward:
-                monitor.waiting[replica] = f"{self.layer} call {call + 1}"
+                monitor.waiting[replica] = f"{self.layer} sum {index + 1}"
             try:
                 while rnd.result is None and monitor.failure is None:
-                    reason = self._unreachable(rnd, call, replica)
+                    reason = self._unreachable(rnd, index, replica) if in_forward else None
                     if reason is None and in_forward:
                         reason = monitor.deadlocked()
                     remaining = deadline - time.monotonic()
                     if reason is None and remaining <= 0:
                         missing = [i for i, p in enumerate(rnd.parts) if p is None]
                         reason = (
-                            f"replica {replica} waited {self.timeout:g} s at the "
-                            f"{_use_name(use)} sum of call {call + 1} for replica(s) {missing}, "
-                            "which did not arrive (one hangs, or calls this layer a different "
-                            "number of times); the timeout is DataParallelWithCallback("
-                            "sync_timeout=...)"
+                            f"replica {replica} waited {self.timeout:g} s at sum {index + 1} "
+                            f"({'forward' if in_forward else 'backward'}) for replica(s) "
+                            f"{missing}, which did not arrive (one hangs, or calls this layer a "
+                            "different number of times); the timeout is "
+                            "DataParallelWithCallback(sync_timeout=...)"
                         )
                     if reason is not None:
                         monitor.fail(f"{self.layer}: {reason}")
@@ -266,35 +263,53 @@ class ReplicaGroup:
             result = rnd.result
             rnd.taken += 1
             if rnd.taken == self.num_replicas:
-                del self._rounds[key]
-        return result.to(t.device, t.dtype)
+                del self._rounds[index]
+        return result.to(t.device, t.dtype, copy=True)
 
 
-class _ReplicaCallReducer:
-    """The reducer of one call of one replica: each use meets the same use on the others."""
+# Replica reducers reach the compiled graph as one opaque op that names its reducer by a
+# handle tensor (a graph input, so a new forward's reducers cause no recompilation).
+_replica_reducers: weakref.WeakValueDictionary[int, ReplicaReducer] = weakref.WeakValueDictionary()
+_next_handle = itertools.count()
 
-    def __init__(self, group: ReplicaGroup, replica: int, call: int) -> None:
-        self._group, self._replica, self._call = group, replica, call
-        self._uses = 0
 
-    def _next(self, t: Tensor) -> Tensor:
-        use = self._uses
-        self._uses += 1
-        return self._group._exchange(self._replica, self._call, use, t)
+@torch.library.custom_op("fsyncbn::replica_sum", mutates_args=())
+def _replica_sum(t: Tensor, handle: Tensor) -> Tensor:
+    reducer = _replica_reducers.get(int(handle))
+    if reducer is None:
+        raise SynchronizationError("replica_sum: this replica reducer no longer exists")
+    return reducer.group.exchange(reducer.replica, t)
+
+
+@_replica_sum.register_fake
+def _(t: Tensor, handle: Tensor) -> Tensor:
+    return torch.empty_like(t)
+
+
+def _replica_sum_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    ctx.handle = inputs[1]
+
+
+def _replica_sum_backward(ctx, grad: Tensor):  # type: ignore[no-untyped-def]
+    return torch.ops.fsyncbn.replica_sum(grad.contiguous(), ctx.handle), None
+
+
+_replica_sum.register_autograd(_replica_sum_backward, setup_context=_replica_sum_setup)
+
+
+class ReplicaReducer:
+    """The reducer of one replica in a :class:`ReplicaGroup`: differentiable, and a single
+    opaque op (``fsyncbn::replica_sum``) to torch.compile, so compiled replicas keep one
+    graph."""
+
+    def __init__(self, group: ReplicaGroup, replica: int) -> None:
+        self.group, self.replica = group, replica
+        key = next(_next_handle)
+        self.handle = torch.tensor(key)
+        _replica_reducers[key] = self
 
     def __call__(self, t: Tensor) -> Tensor:
-        return _ReplicaSum.apply(t, self)
+        return torch.ops.fsyncbn.replica_sum(t, self.handle)
 
     def __repr__(self) -> str:
-        return f"<replica {self._replica} reducer of {self._group.layer}, call {self._call + 1}>"
-
-
-class _ReplicaSum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t: Tensor, reducer: _ReplicaCallReducer) -> Tensor:  # type: ignore[override]
-        ctx.reducer = reducer
-        return reducer._next(t)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return ctx.reducer._next(grad), None
+        return f"<replica {self.replica} reducer of {self.group.layer}>"

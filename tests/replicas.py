@@ -28,15 +28,18 @@ def run_replicas(
     after: Callable[[int, Any], Any] | None = None,
     *,
     timeout: float = 10.0,
+    callables: Sequence[Callable[[Any], Any]] | None = None,
 ) -> list[Any]:
     """One thread per replica: ``out = replica(inputs[i])`` then ``after(i, out)``.
 
+    ``callables`` (for example compiled replicas) replace the plain replica calls.
     Returns per replica the value of ``after`` (or the output), or the exception raised.
     """
     run = execute_replication_callbacks(replicas, timeout=timeout)
+    calls = list(callables) if callables is not None else list(replicas)
 
     def participant(i: int) -> Any:
-        out = run.run(i, inputs[i])
+        out = run.run_with(i, calls[i], inputs[i])
         return after(i, out) if after is not None else out
 
     return run_threads(len(replicas), participant, timeout=4 * timeout + 10)

@@ -130,3 +130,39 @@ def test_export_equals_eager(training):
     eager_buffers = dict(eager.named_buffers())
     for name, value in module.named_buffers():
         torch.testing.assert_close(value, eager_buffers[name], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_replicas_equal_eager_replicas_without_graph_breaks():
+    """Compiling inside the replicas: the replica exchange is one opaque op in the graph."""
+    from fsyncbn import DataParallelWithCallback
+    from tests.replicas import replicate, run_replicas
+    from tests.threads import raise_first
+
+    splits = [2, 4]
+    eager_model = _model(torch.float64)
+    compiled_model = copy.deepcopy(eager_model)
+    eager_replicas = replicate(eager_model, 2)
+    compiled_replicas = replicate(compiled_model, 2)
+    compiled = [torch.compile(r, fullgraph=True) for r in compiled_replicas]
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):  # the second step reuses the graphs: new groups, same compiled code
+        x = torch.randn(sum(splits), 3, 8, 8, dtype=torch.float64, generator=gen)
+        g = torch.randn(sum(splits), 5, dtype=torch.float64, generator=gen)
+
+        def backward(i, out, g=g):
+            (out * g.split(splits)[i]).sum().backward()
+            return out.detach()
+
+        eager = raise_first(run_replicas(eager_replicas, x.split(splits), backward, timeout=120))
+        comp = raise_first(run_replicas(compiled_replicas, x.split(splits), backward, timeout=120,
+                                        callables=compiled))
+        torch.testing.assert_close(torch.cat(comp), torch.cat(eager), rtol=1e-9, atol=1e-9)
+        for r_c, r_e in zip(compiled_replicas, eager_replicas, strict=True):
+            for p_c, p_e in zip(r_c.parameters(), r_e.parameters(), strict=True):
+                torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-9, atol=1e-9)
+        for b_c, b_e in zip(compiled_model.buffers(), eager_model.buffers(), strict=True):
+            torch.testing.assert_close(b_c, b_e, rtol=1e-9, atol=1e-9)
+    # And DataParallelWithCallback around a compiled model (on CPU: the module itself).
+    dp = DataParallelWithCallback(torch.compile(copy.deepcopy(eager_model), fullgraph=True))
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(dp(x), copy.deepcopy(eager_model)(x), rtol=1e-9, atol=1e-9)

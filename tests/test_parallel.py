@@ -124,16 +124,16 @@ def _fault_run(mode, *, timeout=10.0, replicas=3, faulty=1, sleep_s=0.0):
 @pytest.mark.parametrize(
     ("mode", "message"),
     [
-        ("raise", r"replica 1 raised RuntimeError\(boom in replica\) and will not reach call 1"),
+        ("raise", r"replica 1 raised RuntimeError\(boom in replica\) and will not reach sum 1"),
         (
             "skip",
             r"the replicas wait for each other at different layers \(.*replica 1 at "
-            r"SynchronizedBatchNorm2d 'other' call 1",
+            r"SynchronizedBatchNorm2d 'other' sum 1",
         ),
         (
             "extra",
             r"the replicas wait for each other at different layers \(.*replica 1 at "
-            r"SynchronizedBatchNorm2d 'bn' call 2",
+            r"SynchronizedBatchNorm2d 'bn' sum 2",
         ),
         (
             "channels",
@@ -167,7 +167,7 @@ def test_a_hanging_replica_times_out_with_a_clear_error():
     assert all(isinstance(r, SynchronizationError) for r in results)
     for r in results:
         assert "SynchronizedBatchNorm2d 'bn': replica" in str(r)
-        assert "waited 1 s at the forward sum of call 1 for replica(s) [1]" in str(r)
+        assert "waited 1 s at sum 1 (forward) for replica(s) [1]" in str(r)
     assert seconds < 1.0 + 3.0 + 3.0
 
 
@@ -191,9 +191,9 @@ def test_replicas_sending_different_shapes_all_raise():
     for r in results:
         assert isinstance(r, SynchronizationError)
         assert str(r) == (
-            "layer 'x': replicas sent different shapes to the forward sum of call 1 (replica 0 "
-            "(10,), replica 1 (12,), replica 2 (10,)); every replica must give this layer the "
-            "same number of channels"
+            "layer 'x': replicas sent different shapes to sum 1 (replica 0 (10,), replica 1 "
+            "(12,), replica 2 (10,)); every replica must give this layer the same number of "
+            "channels"
         )
 
 
