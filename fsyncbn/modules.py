@@ -80,7 +80,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
     # what only Python needs stays out of the script.
     eps_mode: Optional[str]  # noqa: UP045 - TorchScript reads this annotation
     __jit_unused_properties__ = ["process_group"]
-    __jit_ignored_attributes__ = ["_process_group_reducer", "_replica"]
+    __jit_ignored_attributes__ = ["_process_group_reducer", "_replica", "_staged_state"]
 
     def __init__(
         self,
@@ -107,8 +107,9 @@ class _SynchronizedBatchNorm(_BatchNorm):
             num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra
         )
         self.eps_mode = eps_mode
-        self._process_group_reducer = ProcessGroupReducer(process_group)
+        self._process_group_reducer = ProcessGroupReducer(process_group, name=self._describe())
         self._replica: tuple[ReplicaGroup, int] | None = None
+        self._staged_state: dict[str, Tensor] | None = None
 
     @property
     def process_group(self) -> dist.ProcessGroup | None:
@@ -117,14 +118,30 @@ class _SynchronizedBatchNorm(_BatchNorm):
 
     @process_group.setter
     def process_group(self, group: dist.ProcessGroup | None) -> None:
-        self._process_group_reducer = ProcessGroupReducer(group)
+        self._process_group_reducer = ProcessGroupReducer(group, name=self._describe())
+
+    def _describe(self) -> str:
+        return f"{type(self).__name__}({self.num_features})"
 
     def attach_replica(self, group: ReplicaGroup | None, replica: int = 0) -> None:
         """Make this layer replica ``replica`` of ``group`` (None detaches it).
 
-        Called by the DataParallel replication callback; not needed otherwise.
+        Called by the DataParallel replication callback; not needed otherwise. While
+        attached, new running statistics are staged, not written: the callback commits
+        them (:meth:`commit_staged_state`) once every replica's forward has succeeded.
         """
         self._replica = None if group is None else (group, replica)
+
+    def commit_staged_state(self, keep: bool) -> None:
+        """Write the staged running statistics into the buffers (``keep``), or drop them."""
+        staged, self._staged_state = self._staged_state, None
+        if keep and staged is not None:
+            self._write_state(staged)
+
+    def _write_state(self, new_state: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for key, value in new_state.items():
+                getattr(self, key).copy_(value)
 
     def _reducer(self):
         if not self.training:
@@ -172,24 +189,27 @@ class _SynchronizedBatchNorm(_BatchNorm):
         use_running_stats = self.running_mean is not None and (
             not self.training or self.track_running_stats
         )
-        state = (
-            {
+        state = None
+        if use_running_stats:
+            # A replica calling the layer again in the same forward continues from its
+            # staged (not yet written) state.
+            state = self._staged_state or {
                 "running_mean": self.running_mean,
                 "running_var": self.running_var,
                 "num_batches_tracked": self.num_batches_tracked,
             }
-            if use_running_stats
-            else None
-        )
         output, new_state = batch_norm(
             input, state, self.weight, self.bias, training=self.training,
             momentum=self.momentum, eps=self.eps, reducer=self._reducer(),
             eps_mode=self.eps_mode or _default_eps_mode,
         )
         if self.training and new_state is not None:
-            with torch.no_grad():  # written only now: the synchronisation succeeded
-                for key, value in new_state.items():
-                    getattr(self, key).copy_(value)
+            # Written only after the synchronisation succeeded; a DataParallel replica waits
+            # until every replica's forward has.
+            if self._replica is not None:
+                self._staged_state = new_state
+            else:
+                self._write_state(new_state)
         return output
 
     def extra_repr(self) -> str:

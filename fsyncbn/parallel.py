@@ -55,6 +55,9 @@ class ReplicaRun:
         for index, layers in enumerate(self._layers):
             for group, layer in zip(self.groups, layers, strict=True):
                 layer.attach_replica(group, index)
+        self._lock = threading.Lock()
+        self._running = len(self.replicas)
+        self._failed = False
 
     def run(self, index: int, *args: Any, **kwargs: Any) -> Any:
         """Run replica ``index`` on the inputs, then tell every group it has ended."""
@@ -72,6 +75,20 @@ class ReplicaRun:
             for layer in self._layers[index]:
                 layer.attach_replica(None)
             self.monitor.forward_ended(index, error)
+            self._ended(error)
+
+    def _ended(self, error: BaseException | None) -> None:
+        """When the last replica's forward ends: keep the staged running statistics only if
+        every forward succeeded, so a failed step leaves every buffer as it was."""
+        with self._lock:
+            self._running -= 1
+            self._failed = self._failed or error is not None
+            if self._running:
+                return
+        keep = not self._failed and self.monitor.failure is None
+        for layers in self._layers:
+            for layer in layers:
+                layer.commit_staged_state(keep)
 
     def bind(self, index: int) -> Callable[..., Any]:
         """``run`` for one replica, in the shape parallel_apply calls: ``fn(*input, **kw)``."""

@@ -65,32 +65,72 @@ class ProcessGroupReducer:
     Uses torch's functional collectives, which torch.compile traces without a graph break.
     Works with any backend the group has: gloo on CPU, nccl on GPUs. Waiting is governed by
     the process group's timeout (``init_process_group(timeout=...)``): a rank that never
-    arrives makes the others raise after that time rather than hang.
+    arrives makes the others raise after that time rather than hang; a rank that dies makes
+    them raise as soon as the backend notices.
+
+    In eager mode, the first call with each tensor size first sums three numbers
+    ``[1, n, n*n]`` to check that every rank sends ``n`` numbers: backends do not sum
+    tensors of different sizes (gloo aborts the process), so this turns, for example,
+    ranks that disagree on a batch-norm layer's channel count into a ValueError on every
+    rank. Later calls of that size cost one all_reduce. Under torch.compile the check is
+    skipped. Failures of the collective are re-raised as :class:`SynchronizationError`
+    naming ``name``.
 
     Args:
         group: the process group; None means the default group (WORLD), looked up at call
             time so the reducer may be built before ``init_process_group``.
+        name: how errors name the caller (the modules pass their layer's description).
 
     Raises:
         TypeError: ``group`` is neither None nor a ProcessGroup.
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup | None = None, *, name: str = "ProcessGroupReducer"
+    ) -> None:
         if group is not None and not isinstance(group, dist.ProcessGroup):
             raise TypeError(
                 "ProcessGroupReducer: expected group to be a torch.distributed.ProcessGroup "
                 f"or None, got {type(group).__name__}"
             )
         self.group = group
+        self.name = name
+        self._checked_sizes: set[int] = set()
 
     def __call__(self, t: Tensor) -> Tensor:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
-                "ProcessGroupReducer: torch.distributed is not initialized; call "
+                f"{self.name}: torch.distributed is not initialized; call "
                 "torch.distributed.init_process_group first"
             )
         group = self.group if self.group is not None else dist.group.WORLD
-        return _AllReduceSum.apply(t, group)
+        if torch.compiler.is_compiling():
+            return _AllReduceSum.apply(t, group)
+        try:
+            if t.numel() not in self._checked_sizes:
+                self._check_size(t, group)
+            return _AllReduceSum.apply(t, group)
+        except (RuntimeError, dist.DistError) as exc:
+            if isinstance(exc, SynchronizationError):
+                raise
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SynchronizationError(
+                f"{self.name}: the sum over the process group failed: a rank died, hung past "
+                f"the process group's timeout, or called a different number of collectives "
+                f"({type(exc).__name__}: {reason})"
+            ) from exc
+
+    def _check_size(self, t: Tensor, group: dist.ProcessGroup) -> None:
+        n = t.numel()
+        probe = torch.tensor([1.0, n, n * n], dtype=torch.float64, device=t.device)
+        ranks, total, total_sq = funcol.wait_tensor(funcol.all_reduce(probe, "sum", group)).tolist()
+        if total != ranks * n or total_sq != ranks * n * n:
+            raise ValueError(
+                f"{self.name}: the ranks disagree on the size of the tensor to sum: this rank "
+                f"has {n} numbers, the {ranks:g} ranks average {total / ranks:g} (for batch "
+                "norm: a different number of channels)"
+            )
+        self._checked_sizes.add(n)
 
     def __repr__(self) -> str:
         return f"ProcessGroupReducer(group={'WORLD' if self.group is None else self.group})"
@@ -124,7 +164,9 @@ class ReplicaMonitor:
         self.num_replicas = num_replicas
         self.cv = threading.Condition()
         self.ended: list[tuple[BaseException | None] | None] = [None] * num_replicas
-        self.waiting: list[str | None] = [None] * num_replicas  # where, in forward
+        # Where each replica waits in its forward: (description, round); a round that has its
+        # result is over even if its waiter has not woken up yet.
+        self.waiting: list[tuple[str, _Round] | None] = [None] * num_replicas
         self.failure: str | None = None
 
     def forward_ended(self, replica: int, error: BaseException | None = None) -> None:
@@ -140,9 +182,10 @@ class ReplicaMonitor:
 
     def deadlocked(self) -> str | None:
         """Every replica still in its forward waits at a sum: nothing can progress."""
-        if any(e is None and w is None for e, w in zip(self.ended, self.waiting, strict=True)):
-            return None
-        where = "; ".join(f"replica {i} at {w}" for i, w in enumerate(self.waiting) if w)
+        for ended, waiting in zip(self.ended, self.waiting, strict=True):
+            if ended is None and (waiting is None or waiting[1].result is not None):
+                return None  # this replica can still make progress
+        where = "; ".join(f"replica {i} at {w[0]}" for i, w in enumerate(self.waiting) if w)
         return (
             f"the replicas wait for each other at different layers ({where}): they must call "
             "the synchronized batch-norm layers in the same order and number"
@@ -236,7 +279,7 @@ class ReplicaGroup:
                 monitor.cv.notify_all()
             in_forward = monitor.ended[replica] is None
             if in_forward:
-                monitor.waiting[replica] = f"{self.layer} sum {index + 1}"
+                monitor.waiting[replica] = (f"{self.layer} sum {index + 1}", rnd)
             try:
                 while rnd.result is None and monitor.failure is None:
                     reason = self._unreachable(rnd, index, replica) if in_forward else None

@@ -49,3 +49,61 @@ def spawn(world_size: int, fn: Callable, *args, timeout_s: float = 120.0) -> Non
                 if p.is_alive():
                     p.kill()
             raise AssertionError(f"distributed workers still running after {timeout_s} s")
+
+
+def _fault_bootstrap(rank, world_size, port, fn, results, pg_timeout_s) -> None:
+    import time
+
+    import torch
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=pg_timeout_s),
+    )
+    start = time.monotonic()
+    try:
+        fn(rank, world_size)
+        results.put((rank, "ok", "", time.monotonic() - start))
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        results.put((rank, type(exc).__name__, str(exc), time.monotonic() - start))
+    results.close()
+    results.join_thread()  # flush the report before leaving
+    os._exit(0)  # no teardown handshake with peers that may be gone
+
+
+def launch_with_faults(world_size: int, fn: Callable, *, pg_timeout_s: float = 5.0,
+                       timeout_s: float = 120.0) -> dict[int, tuple[str, str, float]]:
+    """Run ``fn(rank, world_size)`` per rank where ranks may die: per rank, the outcome
+    ``(exception type name or "ok", message, seconds)``, or ``("exited", code, nan)`` for a
+    rank that reported nothing. Fails if any rank is still running after ``timeout_s``."""
+    import queue
+    import time
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_fault_bootstrap,
+                         args=(r, world_size, port, fn, results, pg_timeout_s))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    outcomes: dict[int, tuple[str, str, float]] = {}
+    while len(outcomes) < world_size and time.monotonic() < deadline:
+        try:
+            rank, kind, message, seconds = results.get(timeout=0.5)
+            outcomes[rank] = (kind, message, seconds)
+        except queue.Empty:
+            if all(not p.is_alive() for p in procs) and results.empty():
+                break
+    hung = [r for r, p in enumerate(procs) if p.is_alive() and r not in outcomes]
+    for p in procs:
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+    if hung:
+        raise AssertionError(f"ranks {hung} still running after {timeout_s} s: a hang")
+    for r, p in enumerate(procs):
+        outcomes.setdefault(r, ("exited", str(p.exitcode), float("nan")))
+    return outcomes

@@ -115,3 +115,21 @@ def test_module_on_cuda_equals_nn_batchnorm_and_compiles():
 def test_header_check_on_cuda_is_an_async_assert():
     y, _ = sync_batch_norm(torch.randn(4, 3, device="cuda"), None, reducer=LocalReducer())
     assert y.shape == (4, 3)
+
+
+def test_replicas_on_cuda_equal_one_model_on_the_whole_batch():
+    import copy
+
+    from tests.replicas import replicate, run_replicas
+    from tests.threads import raise_first
+
+    torch.manual_seed(0)
+    model = SynchronizedBatchNorm2d(4).cuda()
+    reference = copy.deepcopy(model)
+    x = torch.randn(6, 4, 3, 3, device="cuda")
+    outs = raise_first(run_replicas(replicate(model, 2), list(x.split([2, 4]))))
+    torch.testing.assert_close(torch.cat(outs), torch.nn.functional.batch_norm(
+        x, reference.running_mean.clone(), reference.running_var.clone(), training=True
+    ) * model.weight.detach().view(1, -1, 1, 1) + model.bias.detach().view(1, -1, 1, 1),
+        rtol=1e-4, atol=1e-4)
+    assert int(model.num_batches_tracked) == 1

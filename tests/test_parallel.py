@@ -17,6 +17,7 @@ from fsyncbn import (
     convert_model,
     patch_replication_callback,
 )
+from tests.faultlog import record_fault
 from tests.models import SharedBN, TinyResNet
 from tests.reference import informative_grad
 from tests.replicas import replicate, run_replicas
@@ -145,6 +146,7 @@ def _fault_run(mode, *, timeout=10.0, replicas=3, faulty=1, sleep_s=0.0):
 def test_a_bad_replica_makes_every_replica_raise_at_once(mode, message):
     results, seconds, model = _fault_run(mode)
     assert seconds < 5.0, f"took {seconds:.1f} s: the fault was not detected before the timeout"
+    record_fault(f"replica {mode}", "replicas x3", "SynchronizationError on every replica", seconds)
     for i, r in enumerate(results):
         assert isinstance(r, BaseException), f"replica {i} returned normally"
         if isinstance(r, SynchronizationError):
@@ -169,17 +171,30 @@ def test_a_hanging_replica_times_out_with_a_clear_error():
         assert "SynchronizedBatchNorm2d 'bn': replica" in str(r)
         assert "waited 1 s at sum 1 (forward) for replica(s) [1]" in str(r)
     assert seconds < 1.0 + 3.0 + 3.0
+    record_fault("replica hangs", "replicas x3", "SynchronizationError after 1 s timeout", seconds)
 
 
-def test_failed_sum_leaves_buffers_untouched():
+@pytest.mark.faults
+@pytest.mark.parametrize("mode", ["raise", "skip", "extra", "channels"])
+def test_a_failed_step_leaves_every_buffer_as_it_was_and_the_next_step_is_right(mode):
     model = Faulty()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    rs = replicate(model, 2)
-    rs[1].mode = "skip"  # no sum of this forward completes
-    assert all(isinstance(r, SynchronizationError) for r in run_replicas(rs, [torch.randn(2, 3, 4, 4)] * 2))
+    rs = replicate(model, 3)
+    rs[1].mode = mode  # in "extra" and "channels" the first sum of 'bn' succeeds
+    xs = [torch.randn(2, 3, 4, 4) for _ in rs]
+    assert all(isinstance(r, BaseException) for r in run_replicas(rs, xs))
     for replica in rs:
         for key, value in replica.state_dict().items():
             assert torch.equal(value, before[key]), key
+    # The next step works and equals one model on the whole batch.
+    rs = replicate(model, 3)
+    reference = Faulty()
+    reference.load_state_dict(model.state_dict())
+    outs = raise_first(run_replicas(rs, xs))
+    y_ref = reference.other(reference.bn(torch.cat(xs)))
+    torch.testing.assert_close(torch.cat(outs), y_ref, rtol=1e-5, atol=1e-5)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-5)
 
 
 def test_replicas_sending_different_shapes_all_raise():

@@ -1,0 +1,210 @@
+"""Fault injection: no hangs, clear errors in every surviving participant, nothing lost.
+
+Both paths: DataParallel replicas as threads (fsyncbn's own timeout), and gloo processes
+(the process group's timeout, 5 s here). Every test records what happened and how long
+the error took; the summary is printed at the end of the run (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from fsyncbn import SynchronizedBatchNorm1d, SynchronizedBatchNorm2d
+from tests.distributed import launch_with_faults
+from tests.faultlog import record_fault
+from tests.replicas import replicate, run_replicas
+from tests.threads import raise_first, run_threads
+
+pytestmark = pytest.mark.faults
+
+PG_TIMEOUT_S = 5.0
+
+
+def _layered(c_first: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(SynchronizedBatchNorm1d(c_first), nn.Linear(c_first, 4),
+                         SynchronizedBatchNorm1d(4))
+
+
+# --- gloo processes ---------------------------------------------------------------------
+
+
+def _dies_mid_step(rank, world_size):
+    model = _layered()
+    x = torch.randn(3, 4)
+    model[0](x)  # one synchronised layer completes on every rank ...
+    if rank == 1:
+        os._exit(3)  # ... then rank 1 dies
+    model[2](model[1](model[0](x)))
+
+
+def _hangs(rank, world_size):
+    model = _layered()
+    if rank == 1:
+        time.sleep(PG_TIMEOUT_S + 4)
+    model(torch.randn(3, 4))
+
+
+def _raises_before_a_layer(rank, world_size):
+    if rank == 1:
+        raise RuntimeError("boom before batch norm")
+    _layered()(torch.randn(3, 4))
+
+
+def _different_channels(rank, world_size):
+    _layered(5 if rank == 1 else 4)(torch.randn(3, 5 if rank == 1 else 4))
+
+
+def _nan_everywhere_consistent(rank, world_size):
+    x = torch.randn(3, 4)
+    if rank == 0:
+        x[0, 1] = float("nan")
+        x[1, 2] = float("inf")
+    bn = SynchronizedBatchNorm1d(4)
+    y = bn(x)
+    # torch's semantics on the whole batch: NaN/inf poison exactly their channels.
+    assert torch.isnan(y[:, 1]).all() and torch.isnan(y[:, 2]).all()
+    assert torch.isfinite(y[:, [0, 3]]).all()
+    assert torch.isnan(bn.running_mean[1]) and torch.isfinite(bn.running_mean[0])
+
+
+def _all_empty(rank, world_size):
+    bn = SynchronizedBatchNorm1d(4)
+    before = {k: v.clone() for k, v in bn.state_dict().items()}
+    y = bn(torch.randn(0, 4, requires_grad=True))
+    (y * 2).sum().backward()
+    assert y.shape == (0, 4)
+    assert torch.equal(bn.running_mean, before["running_mean"])
+    assert torch.equal(bn.running_var, before["running_var"])
+
+
+def _one_value_in_total(rank, world_size):
+    SynchronizedBatchNorm1d(4)(torch.randn(1 if rank == 0 else 0, 4))
+
+
+GLOO_SCENARIOS = {
+    "dies mid-step": (_dies_mid_step, "SynchronizationError",
+                      r"SynchronizedBatchNorm1d\(4\): the sum over the process group failed"),
+    "hangs past the timeout": (_hangs, "SynchronizationError",
+                               r"SynchronizedBatchNorm1d\(4\): the sum over the process group failed"),
+    "raises before a layer": (_raises_before_a_layer, "SynchronizationError",
+                              r"SynchronizedBatchNorm1d\(4\): the sum over the process group failed"),
+    "different channel count": (_different_channels, "ValueError",
+                                r"SynchronizedBatchNorm1d\([45]\): the ranks disagree on the size of "
+                                r"the tensor to sum: this rank has 1[24] numbers"),
+    "total count 1 in training": (_one_value_in_total, "ValueError",
+                                  r"expected more than 1 value per channel when training, got 1 "
+                                  r"over all 3 participants"),
+    "NaN/inf input": (_nan_everywhere_consistent, "ok", ""),
+    "every participant empty": (_all_empty, "ok", ""),
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", GLOO_SCENARIOS)
+def test_gloo_fault(scenario):
+    import re
+
+    fn, expected, message = GLOO_SCENARIOS[scenario]
+    start = time.monotonic()
+    outcomes = launch_with_faults(3, fn, pg_timeout_s=PG_TIMEOUT_S)
+    elapsed = time.monotonic() - start
+    faulty = {"dies mid-step", "hangs past the timeout", "raises before a layer"}
+    survivors = {r: o for r, o in outcomes.items() if not (scenario in faulty and r == 1)}
+    for rank, (kind, text, seconds) in survivors.items():
+        assert kind == expected, (rank, kind, text)
+        assert re.search(message, text), (rank, text)
+        assert seconds < PG_TIMEOUT_S + 10, (rank, seconds)
+    worst = max(s for _, _, s in survivors.values())
+    record_fault(scenario, "gloo x3", f"{expected} on every surviving rank", worst)
+    assert elapsed < 120
+
+
+# --- replicas as threads ----------------------------------------------------------------
+
+
+def test_nan_and_inf_follow_torch_on_the_replica_path():
+    bn = SynchronizedBatchNorm2d(3).double()
+    reference = nn.BatchNorm2d(3).double()
+    x = torch.randn(6, 3, 2, 2, dtype=torch.float64)
+    x[0, 1, 0, 0] = float("nan")
+    x[4, 2, 1, 1] = float("inf")
+    outs = raise_first(run_replicas(replicate(bn, 2), list(x.split([2, 4]))))
+    torch.testing.assert_close(torch.cat(outs), reference(x), equal_nan=True)
+    torch.testing.assert_close(bn.running_var, reference.running_var, equal_nan=True)
+    record_fault("NaN/inf input", "replicas x2", "torch's semantics (NaN in its channels)", 0.0)
+
+
+def test_every_replica_empty_keeps_running_stats():
+    bn = SynchronizedBatchNorm1d(3)
+    start = time.monotonic()
+    outs = raise_first(run_replicas(replicate(bn, 3), [torch.randn(0, 3)] * 3))
+    assert all(o.shape == (0, 3) for o in outs)
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and torch.equal(bn.running_var, torch.ones(3))
+    record_fault("every participant empty", "replicas x3", "empty outputs, stats unchanged",
+                 time.monotonic() - start)
+
+
+def test_one_value_in_total_raises_on_every_replica():
+    start = time.monotonic()
+    results = run_replicas(replicate(SynchronizedBatchNorm1d(3), 2), [torch.randn(1, 3), torch.randn(0, 3)])
+    for r in results:
+        assert isinstance(r, ValueError) and "got 1 over all 2 participants" in str(r)
+    record_fault("total count 1 in training", "replicas x2", "ValueError on every replica",
+                 time.monotonic() - start)
+
+
+# --- soak and concurrency --------------------------------------------------------------
+
+SOAK_STEPS = int(os.environ.get("FSYNCBN_SOAK_STEPS", "60"))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.slow
+def test_soak_replicas_equal_a_single_process_every_step():
+    """FSYNCBN_SOAK_STEPS=500 pytest tests/test_faults.py -k soak  for the full run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(SynchronizedBatchNorm1d(5), nn.Linear(5, 5), SynchronizedBatchNorm1d(5)).double()
+    reference = nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 5), nn.BatchNorm1d(5)).double()
+    reference.load_state_dict(model.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    threads_before = memory_before = None
+    for step in range(SOAK_STEPS):
+        sizes = torch.randint(0, 5, (3,), generator=gen).tolist()
+        if sum(sizes) < 2:
+            sizes[0] += 2
+        x = torch.randn(sum(sizes), 5, dtype=torch.float64, generator=gen)
+        outs = raise_first(run_replicas(replicate(model, 3), list(x.split(sizes))))
+        torch.testing.assert_close(torch.cat(outs), reference(x), rtol=1e-9, atol=1e-9)
+        for b, b_ref in zip(model.buffers(), reference.buffers(), strict=True):
+            torch.testing.assert_close(b, b_ref, rtol=1e-9, atol=1e-9)
+        if step == 5:
+            threads_before, memory_before = threading.active_count(), _rss_mb()
+    assert threading.active_count() <= threads_before
+    assert _rss_mb() - memory_before < 50, "memory grew over the run"
+
+
+def test_two_replicated_models_in_two_threads_do_not_interfere():
+    models = [SynchronizedBatchNorm1d(4).double(), SynchronizedBatchNorm1d(4).double()]
+    references = [nn.BatchNorm1d(4).double(), nn.BatchNorm1d(4).double()]
+    data = [torch.randn(6, 4, dtype=torch.float64) * (i + 1) for i in range(2)]
+
+    def train(i):
+        for _ in range(10):
+            raise_first(run_replicas(replicate(models[i], 3), list(data[i].split([1, 2, 3]))))
+            references[i](data[i])
+
+    raise_first(run_threads(2, train, timeout=120))
+    for model, reference in zip(models, references, strict=True):
+        torch.testing.assert_close(model.running_var, reference.running_var, rtol=1e-12, atol=1e-12)
