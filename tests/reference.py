@@ -40,12 +40,17 @@ def torch_batch_norm(
             if momentum is None:
                 factor = 1.0 / float(new_state["num_batches_tracked"])
     y = F.batch_norm(x, rm, rv, w, b, training or state is None, factor or 0.0, eps)
+    return y.detach(), input_grads(y, grad_output, x, w, b), new_state
+
+
+def input_grads(y: Tensor, grad_output: Tensor, x: Tensor, w: Tensor | None, b: Tensor | None):
+    """(dx, dw, db) of ``(y * grad_output).sum()``; None for an absent weight or bias."""
     inputs = [t for t in (x, w, b) if t is not None]
     grads = list(torch.autograd.grad((y * grad_output).sum(), inputs))
     dx = grads.pop(0)
     dw = grads.pop(0) if w is not None else None
     db = grads.pop(0) if b is not None else None
-    return y.detach(), (dx, dw, db), new_state
+    return dx, dw, db
 
 
 def float64_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -90,10 +90,6 @@ def batch_norm(
         >>> torch.allclose(y, ref, atol=1e-6)
         True
     """
-    check_arguments(
-        "batch_norm", input, state, weight, bias, training=training, momentum=momentum,
-        eps=eps, eps_mode=eps_mode, reducer=reducer,
-    )
     return _batch_norm(
         "batch_norm", input, state, weight, bias, training, momentum, eps, reducer, eps_mode
     )
@@ -169,10 +165,6 @@ def sync_batch_norm(
             "sync_batch_norm: expected a reducer (a callable reducer(t) -> sum of t over all "
             "participants, e.g. fsyncbn.reducers.ProcessGroupReducer()), got None"
         )
-    check_arguments(
-        "sync_batch_norm", input, state, weight, bias, training=training, momentum=momentum,
-        eps=eps, eps_mode=eps_mode, reducer=reducer,
-    )
     return _batch_norm(
         "sync_batch_norm", input, state, weight, bias, training, momentum, eps, reducer, eps_mode
     )
@@ -190,7 +182,12 @@ def _batch_norm(
     reducer: Reducer | None,
     eps_mode: str,
 ) -> tuple[Tensor, State | None]:
-    """Route checked arguments to inference, native local training, or synchronised training."""
+    """Check the arguments, then route to inference, native local training, or synchronised
+    training."""
+    check_arguments(
+        fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
+        eps_mode=eps_mode, reducer=reducer,
+    )
     if state is not None and not training:
         var, norm_eps = normalization_terms(state["running_var"], eps, eps_mode)
         return normalize(input, weight, bias, state["running_mean"], var, norm_eps), dict(state)
