@@ -162,7 +162,9 @@ def test_compiled_replicas_equal_eager_replicas_without_graph_breaks():
                 torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-9, atol=1e-9)
         for b_c, b_e in zip(compiled_model.buffers(), eager_model.buffers(), strict=True):
             torch.testing.assert_close(b_c, b_e, rtol=1e-9, atol=1e-9)
-    # And DataParallelWithCallback around a compiled model (on CPU: the module itself).
-    dp = DataParallelWithCallback(torch.compile(copy.deepcopy(eager_model), fullgraph=True))
-    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    torch.testing.assert_close(dp(x), copy.deepcopy(eager_model)(x), rtol=1e-9, atol=1e-9)
+    # And DataParallelWithCallback around a compiled model (with fewer than 2 devices:
+    # the module itself, on the first GPU if there is one).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dp = DataParallelWithCallback(torch.compile(copy.deepcopy(eager_model).to(device), fullgraph=True))
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64, device=device)
+    torch.testing.assert_close(dp(x), copy.deepcopy(eager_model).to(device)(x), rtol=1e-9, atol=1e-9)
