@@ -162,3 +162,31 @@ def test_modules_pick_no_reducer_without_context():
     assert bn._reducer() is None
     bn.eval()
     assert bn._reducer() is None
+
+
+@pytest.mark.parametrize(
+    ("make_input", "exc", "message"),
+    [
+        (lambda: torch.randn(4, 5, 3, 3), ValueError,
+         r"batch_norm: expected input with 3 channels \(from state\['running_mean'\]\), "
+         r"got shape \(4, 5, 3, 3\)"),
+        (lambda: torch.ones(4, 3, 3, 3, dtype=torch.long), TypeError,
+         r"batch_norm: expected a floating-point input, got dtype torch.int64"),
+        (lambda: torch.randn(3, 3, 3), ValueError, r"expected 4D input \(got 3D input\)"),
+        (lambda: torch.randn(1, 3, 1, 1), ValueError,
+         r"batch_norm: expected more than 1 value per channel when training, got input of shape "
+         r"\(1, 3, 1, 1\)"),
+    ],
+)
+def test_bad_inputs_to_a_module(make_input, exc, message):
+    with pytest.raises(exc, match=message):
+        SynchronizedBatchNorm2d(3)(make_input())
+
+
+def test_bad_arguments_to_the_replication_callback():
+    from fsyncbn import execute_replication_callbacks
+
+    with pytest.raises(ValueError, match=r"execute_replication_callbacks: expected copies of one module, "
+                                         r"got replicas with \[1, 2\] synchronized batch-norm layers"):
+        execute_replication_callbacks([SynchronizedBatchNorm2d(3),
+                                       nn.Sequential(SynchronizedBatchNorm2d(3), SynchronizedBatchNorm2d(3))])

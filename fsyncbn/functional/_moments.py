@@ -1,7 +1,8 @@
 """Per-channel statistics: local moments, the packed message, and the merge after the sum.
 
 Numerics. Each participant computes its own mean m_i and sum of squared deviations M2_i
-(``torch.var_mean``, stable on offset data) in the statistics dtype. They travel as float64
+(torch's batch-norm statistics kernel, or ``torch.var_mean`` for float16/bfloat16; both
+stable on offset data) in the statistics dtype. They travel as float64
 sums ``n_i * m_i`` and ``M2_i + n_i * m_i**2`` so that ONE element-wise sum over the
 participants merges them; the global ``M2 = S2 - S1 * mean`` then equals
 ``sum M2_i + sum n_i (m_i - mean)**2`` up to float64 rounding. Float32 data with
@@ -56,7 +57,12 @@ def local_moments(input: Tensor) -> tuple[Tensor, Tensor, int]:
     if count == 0:
         zeros = torch.zeros(channels, dtype=dtype, device=input.device)
         return zeros, zeros, 0
-    var, mean = torch.var_mean(input.to(dtype), dim=reduce_dims(input), correction=0)
+    if input.dtype == dtype:
+        # torch's own batch-norm statistics kernel (two-pass, per channel): much faster on
+        # CPU than a generic var_mean reduction over (N, *).
+        mean, var = torch.batch_norm_update_stats(input, None, None, 0.0)
+    else:  # float16/bfloat16: statistics in float32, never accumulated in the input dtype
+        var, mean = torch.var_mean(input.to(dtype), dim=reduce_dims(input), correction=0)
     return mean, var * count, count
 
 

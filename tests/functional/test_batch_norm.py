@@ -155,6 +155,7 @@ def test_one_value_per_channel_in_training_is_an_error():
 
 @pytest.mark.parametrize("training", [True, False])
 def test_clamp_mode_against_float64_formula(training):
+    torch.manual_seed(0)
     x = torch.randn(5, 3, 4, dtype=torch.float64) * torch.tensor([1e-4, 1.0, 3.0]).view(1, 3, 1).double()
     state = init_state(3, dtype=torch.float64)
     state["running_var"] = torch.tensor([1e-9, 2.0, 0.5], dtype=torch.float64)
@@ -169,7 +170,8 @@ def test_clamp_mode_against_float64_formula(training):
     expected = expected * w.view(1, 3, 1) + b.view(1, 3, 1)
     torch.testing.assert_close(y, expected, rtol=1e-9, atol=1e-9)
     y_plus, _ = batch_norm(x, state, w, b, training=training, eps=eps)
-    assert not torch.allclose(y, y_plus)  # channel 0 has var << eps: the modes differ there
+    # Channel 0 has var << eps: the modes differ most there (clamp ignores var entirely).
+    assert (y - y_plus)[:, 0].abs().max() > 1e-9
 
 
 def test_init_state_matches_nn_batchnorm_buffers():

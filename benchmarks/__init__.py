@@ -1,0 +1,1 @@
+"""fsyncbn benchmarks: ratios against torch measured in the same run (``python -m benchmarks``)."""

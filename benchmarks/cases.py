@@ -1,0 +1,247 @@
+"""The benchmark cases of the README: speed (a, b), memory (c), DDP (d), communication (e)."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from benchmarks.timing import compare
+from fsyncbn import SynchronizedBatchNorm1d, SynchronizedBatchNorm2d, convert_model
+from fsyncbn.functional import sync_batch_norm
+
+SHAPES = {
+    "2d (32, 64, 28, 28)": ((32, 64, 28, 28), torch.contiguous_format),
+    "2d (32, 64, 28, 28) channels_last": ((32, 64, 28, 28), torch.channels_last),
+    "2d (64, 256, 7, 7)": ((64, 256, 7, 7), torch.contiguous_format),
+    "1d (1024, 512)": ((1024, 512), torch.contiguous_format),
+}
+
+
+class ForcedSync(nn.Module):
+    """A batch-norm layer forced through sync_batch_norm with one participant (identity)."""
+
+    def __init__(self, bn: nn.Module) -> None:
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        state = {"running_mean": bn.running_mean, "running_var": bn.running_var,
+                 "num_batches_tracked": bn.num_batches_tracked}
+        y, new_state = sync_batch_norm(x, state, bn.weight, bn.bias, reducer=_identity)
+        with torch.no_grad():
+            for key, value in new_state.items():
+                getattr(bn, key).copy_(value)
+        return y
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _layers(shape, device):
+    c = shape[1]
+    torch_cls = nn.BatchNorm1d if len(shape) == 2 else nn.BatchNorm2d
+    ours_cls = SynchronizedBatchNorm1d if len(shape) == 2 else SynchronizedBatchNorm2d
+    return torch_cls(c).to(device), ours_cls(c).to(device), ForcedSync(torch_cls(c)).to(device)
+
+
+def _step(module: Callable, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        x.grad = None
+        module(x).backward(g)
+
+    return run
+
+
+def speed(quick: bool, device: str = "cpu") -> list[dict]:
+    """Cases a and b: forward+backward of one layer, ours / torch, eager and compiled."""
+    rows = []
+    rounds, iters = (5, 5) if quick else (9, 20)
+    for name, (shape, layout) in SHAPES.items():
+        if quick and "channels_last" in name:
+            continue
+        x = torch.randn(shape, device=device).contiguous(memory_format=layout).requires_grad_()
+        g = torch.randn(shape, device=device).contiguous(memory_format=layout)
+        theirs, ours, forced = _layers(shape, device)
+        eager_ref = _step(theirs, x, g)
+        for case, module in (("a local", ours), ("b sync, 1 participant", forced)):
+            r = compare(_step(module, x, g), eager_ref, rounds=rounds, iters=iters, device=device)
+            rows.append({"case": case, "shape": name, "mode": "eager", "vs": "eager nn.BatchNorm",
+                         **r.__dict__})
+        compiled_ref = _step(torch.compile(copy.deepcopy(theirs)), x, g)
+        for case, module in (("a local", ours), ("b sync, 1 participant", forced)):
+            compiled = _step(torch.compile(copy.deepcopy(module)), x, g)
+            vs = (("compiled nn.BatchNorm", compiled_ref) if case.startswith("a")
+                  else ("eager nn.BatchNorm", eager_ref))
+            r = compare(compiled, vs[1], rounds=rounds, iters=iters, device=device)
+            rows.append({"case": case, "shape": name, "mode": "compiled", "vs": vs[0], **r.__dict__})
+    return rows
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of distinct storages autograd saves for backward in one forward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())
+
+
+def memory(device: str = "cpu") -> list[dict]:
+    """Case c: what backward keeps, ours against torch's."""
+    rows = []
+    for name, (shape, layout) in SHAPES.items():
+        x = torch.randn(shape, device=device).contiguous(memory_format=layout).requires_grad_()
+        theirs, ours, forced = _layers(shape, device)
+        base = saved_bytes(theirs, x)
+        for case, module in (("c local", ours), ("c sync, 1 participant", forced)):
+            b = saved_bytes(module, x)
+            rows.append({"case": case, "shape": name, "torch_bytes": base, "fsyncbn_bytes": b,
+                         "extra_bytes": b - base, "channels": shape[1]})
+    return rows
+
+
+# --- d: DDP step over gloo ------------------------------------------------------------
+
+
+def conv_net() -> nn.Module:
+    """A small conv net with 7 batch-norm layers."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    channels = [3, 16, 16, 32, 32, 64, 64, 64]
+    for i in range(7):
+        layers += [nn.Conv2d(channels[i], channels[i + 1], 3, padding=1, stride=2 if i in (2, 4) else 1,
+                             bias=False), nn.BatchNorm2d(channels[i + 1]), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+class CountingAllReduce:
+    """Counts fsyncbn's collectives (calls and bytes) by wrapping its all_reduce."""
+
+    def __init__(self) -> None:
+        import fsyncbn.reducers as reducers
+
+        self.module = reducers.funcol
+        self.original = self.module.all_reduce
+        self.calls = 0
+        self.bytes = 0
+
+    def __enter__(self) -> CountingAllReduce:
+        def counted(t, *args, **kwargs):
+            self.calls += 1
+            self.bytes += t.numel() * t.element_size()
+            return self.original(t, *args, **kwargs)
+
+        self.module.all_reduce = counted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.module.all_reduce = self.original
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, quick: bool, results) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(8, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (8,), generator=gen)
+    nets = {"fsyncbn": DDP(convert_model(conv_net())), "nn.BatchNorm2d": DDP(conv_net())}
+    opts = {k: torch.optim.SGD(v.parameters(), lr=0.01) for k, v in nets.items()}
+
+    def step(name: str) -> Callable[[], None]:
+        def run() -> None:
+            loss = nn.functional.cross_entropy(nets[name](x), y)
+            opts[name].zero_grad()
+            loss.backward()
+            opts[name].step()
+
+        return run
+
+    step("fsyncbn")()  # first step: each layer's one-time size check
+    with CountingAllReduce() as counter:
+        step("fsyncbn")()
+    r = compare(step("fsyncbn"), step("nn.BatchNorm2d"), rounds=5 if quick else 9,
+                iters=3 if quick else 10)
+    if rank == 0:
+        results.put({"case": "d DDP step, 2 gloo processes, 7 BN layers", **r.__dict__,
+                     "bn_collectives_per_step": counter.calls, "bn_bytes_per_step": counter.bytes})
+    dist.destroy_process_group()
+
+
+def ddp_step(quick: bool) -> list[dict]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_ddp_worker, args=(2, port, quick, results), nprocs=2)
+    return [results.get()]
+
+
+# --- e: communication per layer against world size -----------------------------------
+
+
+def _numbers_sent(world: int, channels: int) -> int:
+    """One participant's count of numbers summed, over a forward and backward of one layer."""
+    import threading
+
+    barrier = threading.Barrier(world)
+    slots: list = [None] * world
+    sent = [0] * world
+
+    def reducer_for(rank: int):
+        def total(t: torch.Tensor) -> torch.Tensor:
+            sent[rank] += t.numel()
+            slots[rank] = t
+            barrier.wait()
+            out = torch.stack(slots).sum(0)
+            barrier.wait()
+            return out
+
+        return total
+
+    def participant(rank: int) -> None:
+        x = torch.randn(2, channels, 4, 4, requires_grad=True)
+        y, _ = sync_batch_norm(x, None, reducer=reducer_for(rank))
+        y.backward(torch.randn_like(y))
+
+    threads = [threading.Thread(target=participant, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return sent[0]
+
+
+def communication(channels: int = 256) -> list[dict]:
+    """Case e: numbers each participant sends per layer and step, by world size.
+
+    Measured by running sync_batch_norm with a counting reducer per participant (threads);
+    torch.nn.SyncBatchNorm's forward all_gather of W x (2C + 1) numbers for comparison.
+    """
+    return [
+        {"case": "e numbers sent per layer and step", "world_size": world, "channels": channels,
+         "fsyncbn": _numbers_sent(world, channels),
+         "torch.nn.SyncBatchNorm (forward all_gather)": world * (2 * channels + 1)}
+        for world in (2, 4, 8)
+    ]
