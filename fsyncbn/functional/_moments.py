@@ -57,11 +57,11 @@ def local_moments(input: Tensor) -> tuple[Tensor, Tensor, int]:
     if count == 0:
         zeros = torch.zeros(channels, dtype=dtype, device=input.device)
         return zeros, zeros, 0
-    if input.dtype == dtype:
-        # torch's own batch-norm statistics kernel (two-pass, per channel): much faster on
-        # CPU than a generic var_mean reduction over (N, *).
+    if input.dtype == dtype and not torch.compiler.is_compiling():
+        # torch's own batch-norm statistics kernel (two-pass, per channel): in eager mode much
+        # faster on CPU than a generic var_mean over (N, *), which Inductor fuses instead.
         mean, var = torch.batch_norm_update_stats(input, None, None, 0.0)
-    else:  # float16/bfloat16: statistics in float32, never accumulated in the input dtype
+    else:  # also float16/bfloat16: statistics in float32, never accumulated in the input dtype
         var, mean = torch.var_mean(input.to(dtype), dim=reduce_dims(input), correction=0)
     return mean, var * count, count
 

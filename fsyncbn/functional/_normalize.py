@@ -55,7 +55,9 @@ def normalize(
 
 
 def _per_channel_affine(input: Tensor, slope: Tensor, offset: Tensor) -> Tensor:
-    """``input * slope + offset`` per channel, in one native pass."""
+    """``input * slope + offset`` per channel, in one native pass (plain ops for Inductor)."""
+    if torch.compiler.is_compiling():
+        return torch.addcmul(_per_channel(offset, input), input, _per_channel(slope, input))
     zeros = torch.zeros_like(slope)
     return _native_inference(input, slope, offset, zeros, torch.ones_like(slope), 0.0, 0.0)[0]
 
