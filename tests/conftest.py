@@ -10,6 +10,6 @@ def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untype
         return
     write = terminalreporter.write_line
     terminalreporter.section("fault injection summary")
-    write(f"{'scenario':<30}{'path':<14}{'outcome':<48}{'seconds':>8}")
+    write(f"{'scenario':<30}{'path':<20}{'outcome':<48}{'seconds':>8}")
     for scenario, path, outcome, seconds in sorted(FAULTS):
-        write(f"{scenario:<30}{path:<14}{outcome:<48}{seconds:>8.2f}")
+        write(f"{scenario:<30}{path:<20}{outcome:<48}{seconds:>8.2f}")

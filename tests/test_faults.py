@@ -88,6 +88,55 @@ def _one_value_in_total(rank, world_size):
     SynchronizedBatchNorm1d(4)(torch.randn(1 if rank == 0 else 0, 4))
 
 
+def _skips_a_layer_at_step_two(rank, world_size):
+    model = _layered()
+    for step in range(3):
+        x = torch.randn(3, 4, requires_grad=True)
+        y = model[2](model[1](x)) if rank == 1 and step == 1 else model(x)
+        (y * torch.randn_like(y)).sum().backward()
+
+
+def _extra_call_at_step_two(rank, world_size):
+    model = _layered()
+    for step in range(3):
+        x = torch.randn(3, 4, requires_grad=True)
+        y = model(x)
+        if rank == 1 and step == 1:
+            y = model[0](y)
+        (y * torch.randn_like(y)).sum().backward()
+
+
+ORDER_SCENARIOS = {
+    "skips a layer (step 2)": _skips_a_layer_at_step_two,
+    "calls a layer again (step 2)": _extra_call_at_step_two,
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("debug", ["DETAIL", "OFF"])
+@pytest.mark.parametrize("scenario", ORDER_SCENARIOS)
+def test_gloo_ranks_out_of_step(scenario, debug, monkeypatch):
+    """A rank that skips or repeats a layer after the first step. With torch's own collective
+    checks (TORCH_DISTRIBUTED_DEBUG=DETAIL) every rank raises a clear error; without them
+    gloo aborts a rank whose buffer is too small, and every other rank raises."""
+    monkeypatch.setenv("TORCH_DISTRIBUTED_DEBUG", debug)
+    outcomes = launch_with_faults(3, ORDER_SCENARIOS[scenario], pg_timeout_s=PG_TIMEOUT_S)
+    reported = {r: o for r, o in outcomes.items() if o[0] != "exited"}
+    if debug == "DETAIL":
+        assert len(reported) == 3, outcomes
+    assert reported, outcomes
+    for kind, text, seconds in reported.values():
+        assert kind == "SynchronizationError", text
+        assert text.startswith("SynchronizedBatchNorm1d(4): the sum over the process group failed")
+        assert seconds < PG_TIMEOUT_S + 10
+    aborted = len(outcomes) - len(reported)
+    record_fault(scenario, f"gloo x3 {debug.lower()}",
+                 f"SynchronizationError on {len(reported)} ranks" + (f", {aborted} aborted by gloo"
+                                                                     if aborted else ""),
+                 max(o[2] for o in reported.values()))
+
+
 GLOO_SCENARIOS = {
     "dies mid-step": (_dies_mid_step, "SynchronizationError",
                       r"SynchronizedBatchNorm1d\(4\): the sum over the process group failed"),
