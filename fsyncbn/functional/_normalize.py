@@ -3,8 +3,8 @@
 Forward is torch's own batch-norm kernel in inference form, fed the global mean and
 variance, so the elementwise pass is native speed and keeps channels_last. Backward is
 written by hand: one native pass gives the local per-channel sums (sum dy, sum dy * xhat),
-one call of the reducer turns them into global sums (O(C) numbers), and one elementwise
-pass gives dx. Only the input and O(C) statistics are saved, as nn.BatchNorm does.
+one call of the reducer turns them into global sums (O(C) numbers), and two elementwise
+passes give dx. Only the input and O(C) statistics are saved, as nn.BatchNorm does.
 """
 
 from __future__ import annotations
@@ -55,8 +55,12 @@ def normalize(
 
 
 def _per_channel_affine(input: Tensor, slope: Tensor, offset: Tensor) -> Tensor:
-    """``input * slope + offset`` per channel, in one native pass (plain ops for Inductor)."""
-    if torch.compiler.is_compiling():
+    """``input * slope + offset`` per channel in ``slope``'s dtype, in one native pass.
+
+    Plain ops under torch.compile (Inductor fuses them) and for float16/bfloat16 input,
+    whose native result would be rounded to the input dtype.
+    """
+    if torch.compiler.is_compiling() or input.dtype != slope.dtype:
         return torch.addcmul(_per_channel(offset, input), input, _per_channel(slope, input))
     zeros = torch.zeros_like(slope)
     return _native_inference(input, slope, offset, zeros, torch.ones_like(slope), 0.0, 0.0)[0]

@@ -211,15 +211,23 @@ def test_reduced_precision_sums_in_float32_or_wider(dtype):
 
         xi = xs[rank].clone().requires_grad_()
         y, state = sync_batch_norm(xi, init_state(3), reducer=reducer, momentum=1.0)
-        (y.float() * 1.5 + y.float() ** 2).sum().backward()
+        (y.float() * g.split(splits)[rank]).sum().backward()
         return y, state, xi.grad
 
+    g = informative_grad(x.shape, torch.float32)
     results = raise_first(run_threads(2, participant))
     assert set(seen) <= {torch.float32, torch.float64}
     _, _, var_unbiased = float64_moments(x.to(dtype))
-    for y, state, dx in results:
+    # Reference: float64 batch norm on the same (rounded) values.
+    y_ref, (dx_ref, _, _), _ = torch_batch_norm(x.to(dtype).double(), None, None, None, g.double(),
+                                                training=True)
+    for (y, state, dx), y_want, dx_want in zip(results, y_ref.split(splits), dx_ref.split(splits),
+                                               strict=True):
         assert y.dtype == dtype and dx.dtype == dtype
         torch.testing.assert_close(state["running_var"].double(), var_unbiased, rtol=1e-4, atol=1e-4)
+        tol = 1e-2 if dtype == torch.float16 else 4e-2  # the rounding of the output dtype
+        assert (y.double() - y_want).abs().max() <= tol * y_want.abs().max()
+        assert (dx.double() - dx_want).abs().max() <= tol * dx_want.abs().max()
 
 
 def test_batch_norm_with_reducer_is_sync_batch_norm():
