@@ -13,6 +13,7 @@ from .modules import (
     SynchronizedBatchNorm2d,
     SynchronizedBatchNorm3d,
     get_sbn_eps_mode,
+    roll_back_step,
     set_sbn_eps_mode,
 )
 from .parallel import (
@@ -42,5 +43,6 @@ __all__ = [
     "patch_sync_batchnorm",
     "reducers",
     "revert_model",
+    "roll_back_step",
     "set_sbn_eps_mode",
 ]

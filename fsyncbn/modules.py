@@ -14,6 +14,10 @@ Which participants a layer synchronises with, in training:
 (c) otherwise nobody: the layer is nn.BatchNormXd, bit for bit.
 
 In eval mode the running statistics are used and nothing is synchronised.
+
+The buffers are written only after the synchronisation succeeded: on path (a) once every
+replica's forward has; on path (b) right away, with the values from before the step kept
+by a journal that restores every layer of the step if any of them fails.
 """
 
 # No `from __future__ import annotations`: TorchScript reads these annotations at runtime.
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from ._step_journal import StepJournal
 from .functional import batch_norm
 from .functional._checks import EPS_MODES, check_hyperparameters
 from .reducers import ProcessGroupReducer, ReplicaGroup
@@ -36,6 +41,7 @@ __all__ = [
     "SynchronizedBatchNorm2d",
     "SynchronizedBatchNorm3d",
     "get_sbn_eps_mode",
+    "roll_back_step",
     "set_sbn_eps_mode",
 ]
 
@@ -43,6 +49,9 @@ __all__ = [
 _TORCH_HAS_BIAS = "bias" in inspect.signature(_NormBase.__init__).parameters
 
 _default_eps_mode = "plus"
+
+# Running-statistics writes of the current training step on the torch.distributed path.
+_journal = StepJournal()
 
 
 def set_sbn_eps_mode(mode: str) -> None:
@@ -71,6 +80,20 @@ def set_sbn_eps_mode(mode: str) -> None:
 def get_sbn_eps_mode() -> str:
     """The eps mode used by layers built without an explicit ``eps_mode``."""
     return _default_eps_mode
+
+
+def roll_back_step() -> None:
+    """Undo the running-statistics writes of the current training step (torch.distributed path).
+
+    fsyncbn does this by itself when a synchronized layer fails, on every rank that sees the
+    failure. Call it when your own code raises in the middle of a step, so that this rank too
+    keeps nothing of it. The replica path (DataParallel) never writes a failed step, and the
+    local path has nothing to undo.
+
+    Example:
+        >>> roll_back_step()  # nothing to undo outside a step
+    """
+    _journal.roll_back()
 
 
 class _SynchronizedBatchNorm(_BatchNorm):
@@ -186,6 +209,45 @@ class _SynchronizedBatchNorm(_BatchNorm):
 
     @torch.jit.unused
     def _synchronized_forward(self, input: Tensor) -> Tensor:
+        reducer = self._reducer()
+        if reducer is self._process_group_reducer and not torch.compiler.is_compiling():
+            return self._journaled_forward(input)
+        output, new_state = self._batch_norm(input, reducer)
+        if new_state is not None:
+            # A DataParallel replica writes only once every replica's forward has succeeded.
+            if self._replica is not None:
+                self._staged_state = new_state
+            else:
+                self._write_state(new_state)
+        return output
+
+    @torch.jit.unused
+    def _journaled_forward(self, input: Tensor) -> Tensor:
+        """The torch.distributed path in eager mode: if this layer fails, in forward or in
+        backward, every layer's writes of the current step are undone (see _step_journal)."""
+        _journal.layer_starts(self)
+        try:
+            output, new_state = self._batch_norm(input, self._rolling_back_reducer)
+            if new_state is not None:
+                _journal.layer_writes(self)
+                self._write_state(new_state)
+        except BaseException:
+            _journal.roll_back()
+            raise
+        _journal.layer_returns(self, output)
+        return output
+
+    @torch.jit.unused
+    def _rolling_back_reducer(self, t: Tensor) -> Tensor:
+        try:
+            return self._process_group_reducer(t)
+        except BaseException:
+            _journal.roll_back()  # in backward nobody else sees the failure first
+            raise
+
+    @torch.jit.unused
+    def _batch_norm(self, input: Tensor, reducer: Any) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """The functional op on this layer's state; the new state is returned in training."""
         use_running_stats = self.running_mean is not None and (
             not self.training or self.track_running_stats
         )
@@ -200,17 +262,10 @@ class _SynchronizedBatchNorm(_BatchNorm):
             }
         output, new_state = batch_norm(
             input, state, self.weight, self.bias, training=self.training,
-            momentum=self.momentum, eps=self.eps, reducer=self._reducer(),
+            momentum=self.momentum, eps=self.eps, reducer=reducer,
             eps_mode=self.eps_mode or _default_eps_mode,
         )
-        if self.training and new_state is not None:
-            # Written only after the synchronisation succeeded; a DataParallel replica waits
-            # until every replica's forward has.
-            if self._replica is not None:
-                self._staged_state = new_state
-            else:
-                self._write_state(new_state)
-        return output
+        return output, new_state if self.training else None
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from fsyncbn import SynchronizedBatchNorm1d, SynchronizedBatchNorm2d
+from fsyncbn import SynchronizedBatchNorm1d, SynchronizedBatchNorm2d, roll_back_step
 from tests.distributed import launch_with_faults
 from tests.faultlog import record_fault
 from tests.replicas import replicate, run_replicas
@@ -35,26 +35,64 @@ def _layered(c_first: int = 4) -> nn.Module:
 # --- gloo processes ---------------------------------------------------------------------
 
 
-def _dies_mid_step(rank, world_size):
+def _training_step(model: nn.Module) -> None:
+    y = model(torch.randn(3, 4, requires_grad=True))
+    (y * torch.randn_like(y)).sum().backward()
+
+
+def _buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "batches" in k}
+
+
+def _fails_in_step_two(rank: int, fault, *, in_backward: bool = False) -> None:
+    """A good step, then a step in which rank 1 faults after the first layer (or, with
+    ``in_backward``, after the whole forward). The surviving ranks raise, and their running
+    statistics must be exactly those after step one: nothing of the failed step is kept."""
     model = _layered()
-    x = torch.randn(3, 4)
-    model[0](x)  # one synchronised layer completes on every rank ...
-    if rank == 1:
-        os._exit(3)  # ... then rank 1 dies
-    model[2](model[1](model[0](x)))
+    _training_step(model)
+    after_step_one = _buffers(model)
+    try:
+        h = model[0](torch.randn(3, 4, requires_grad=True))
+        if rank == 1 and not in_backward:
+            fault()
+        y = model[2](model[1](h))
+        if rank == 1:
+            fault()
+        (y * torch.randn_like(y)).sum().backward()
+    except Exception:
+        if rank == 1:
+            roll_back_step()  # the rank whose own code failed undoes its part of the step
+        for key, value in _buffers(model).items():
+            assert torch.equal(value, after_step_one[key]), f"{key} kept a write of the failed step"
+        raise
+
+
+def _exit() -> None:
+    os._exit(3)
+
+
+def _sleep_past_the_timeout() -> None:
+    time.sleep(PG_TIMEOUT_S + 4)
+
+
+def _raise() -> None:
+    raise RuntimeError("boom before batch norm")
+
+
+def _dies_mid_step(rank, world_size):
+    _fails_in_step_two(rank, _exit)
+
+
+def _dies_before_backward(rank, world_size):
+    _fails_in_step_two(rank, _exit, in_backward=True)
 
 
 def _hangs(rank, world_size):
-    model = _layered()
-    if rank == 1:
-        time.sleep(PG_TIMEOUT_S + 4)
-    model(torch.randn(3, 4))
+    _fails_in_step_two(rank, _sleep_past_the_timeout)
 
 
 def _raises_before_a_layer(rank, world_size):
-    if rank == 1:
-        raise RuntimeError("boom before batch norm")
-    _layered()(torch.randn(3, 4))
+    _fails_in_step_two(rank, _raise)
 
 
 def _different_channels(rank, world_size):
@@ -140,6 +178,8 @@ def test_gloo_ranks_out_of_step(scenario, debug, monkeypatch):
 GLOO_SCENARIOS = {
     "dies mid-step": (_dies_mid_step, "SynchronizationError",
                       r"SynchronizedBatchNorm1d\(4\): the sum over the process group failed"),
+    "dies before backward": (_dies_before_backward, "SynchronizationError",
+                             r"SynchronizedBatchNorm1d\(4\): the sum over the process group failed"),
     "hangs past the timeout": (_hangs, "SynchronizationError",
                                r"SynchronizedBatchNorm1d\(4\): the sum over the process group failed"),
     "raises before a layer": (_raises_before_a_layer, "SynchronizationError",
@@ -165,12 +205,15 @@ def test_gloo_fault(scenario):
     start = time.monotonic()
     outcomes = launch_with_faults(3, fn, pg_timeout_s=PG_TIMEOUT_S)
     elapsed = time.monotonic() - start
-    faulty = {"dies mid-step", "hangs past the timeout", "raises before a layer"}
+    faulty = {"dies mid-step", "dies before backward", "hangs past the timeout",
+              "raises before a layer"}
     survivors = {r: o for r, o in outcomes.items() if not (scenario in faulty and r == 1)}
     for rank, (kind, text, seconds) in survivors.items():
         assert kind == expected, (rank, kind, text)
         assert re.search(message, text), (rank, text)
         assert seconds < PG_TIMEOUT_S + 10, (rank, seconds)
+    if scenario == "raises before a layer":  # its own error, after undoing its part of the step
+        assert outcomes[1][:2] == ("RuntimeError", "boom before batch norm"), outcomes[1]
     worst = max(s for _, _, s in survivors.values())
     record_fault(scenario, "gloo x3", f"{expected} on every surviving rank", worst)
     assert elapsed < 120

@@ -1,0 +1,103 @@
+"""Undo the running-statistics writes of a training step that failed (torch.distributed path).
+
+On the torch.distributed path every layer writes its new running statistics right after its
+own sums succeed, and no layer sees where a training step begins or ends. So that a step
+failing at layer k does not keep the writes of layers 1..k-1, each layer's buffers are saved
+(O(C) numbers, once per step) before its first write of the step, and a failure in any layer,
+in forward or in backward, restores them all.
+
+Where a step begins: the first synchronized layer of a step (its *opener*) starts the next
+step when it runs again after the step's backward has begun, or after its output has been
+freed unused (a forward without backward). Several forwards before one backward (two views of
+a batch, a GAN's generator and discriminator) are therefore one step.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class StepJournal:
+    """The buffers' values before the current step, per layer, to restore on failure.
+
+    Thread-safe: a backward on a GPU runs on the autograd engine's device threads.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._saved: dict[int, tuple[weakref.ref[nn.Module], dict[str, Tensor]]] = {}
+        self._opener: weakref.ref[nn.Module] | None = None
+        self._opener_output: weakref.ref[Tensor] | None = None
+        self._backward_began = False
+        self._step = 0
+
+    def layer_starts(self, layer: nn.Module) -> None:
+        """Call before a synchronized layer computes; it may start a new step."""
+        with self._lock:
+            opener = self._opener() if self._opener is not None else None
+            if opener is None or (opener is layer and self._step_is_done()):
+                self._begin_step(layer)
+
+    def _step_is_done(self) -> bool:
+        output = self._opener_output() if self._opener_output is not None else None
+        return self._backward_began or (self._opener_output is not None and output is None)
+
+    def _begin_step(self, opener: nn.Module) -> None:
+        self._saved.clear()
+        self._opener = weakref.ref(opener)
+        self._opener_output = None
+        self._backward_began = False
+        self._step += 1
+
+    def layer_writes(self, layer: nn.Module) -> None:
+        """Call just before ``layer`` writes its buffers: keep their values from before the step."""
+        with self._lock:
+            if id(layer) not in self._saved:
+                with torch.no_grad():
+                    saved = {
+                        name: getattr(layer, name).clone()
+                        for name in _BUFFERS
+                        if getattr(layer, name, None) is not None
+                    }
+                self._saved[id(layer)] = (weakref.ref(layer), saved)
+
+    def layer_returns(self, layer: nn.Module, output: Tensor) -> None:
+        """Call with a synchronized layer's output: the opener's tells when the step is done."""
+        with self._lock:
+            opener = self._opener() if self._opener is not None else None
+            if opener is not layer or self._opener_output is not None:
+                return
+            self._opener_output = weakref.ref(output)
+            if output.grad_fn is None:
+                self._backward_began = True  # no backward will come
+            else:
+                output.grad_fn.register_prehook(self._backward_hook(self._step))
+
+    def _backward_hook(self, step: int) -> Callable[[tuple], None]:
+        def backward_began(grad_outputs: tuple) -> None:
+            with self._lock:
+                if self._step == step:
+                    self._backward_began = True
+
+        return backward_began
+
+    def roll_back(self) -> None:
+        """Restore every buffer written in the current step; the next layer starts a new one."""
+        with self._lock:
+            with torch.no_grad():
+                for layer_ref, saved in self._saved.values():
+                    layer = layer_ref()
+                    if layer is not None:
+                        for name, value in saved.items():
+                            getattr(layer, name).copy_(value)
+            self._saved.clear()
+            self._opener = None
+            self._opener_output = None
+            self._step += 1
