@@ -32,7 +32,12 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from ._step_journal import StepJournal
 from .functional import batch_norm
-from .functional._checks import EPS_MODES, check_hyperparameters
+from .functional._checks import (
+    EPS_MODES,
+    check_arguments,
+    check_hyperparameters,
+    check_local_batch_size,
+)
 from .reducers import ProcessGroupReducer, ReplicaGroup
 
 __all__ = [
@@ -210,6 +215,8 @@ class _SynchronizedBatchNorm(_BatchNorm):
     @torch.jit.unused
     def _synchronized_forward(self, input: Tensor) -> Tensor:
         reducer = self._reducer()
+        if reducer is None and self._trains_with_torch_kernel(input):
+            return self._torch_kernel_forward(input)
         if reducer is self._process_group_reducer and not torch.compiler.is_compiling():
             return self._journaled_forward(input)
         output, new_state = self._batch_norm(input, reducer)
@@ -220,6 +227,36 @@ class _SynchronizedBatchNorm(_BatchNorm):
             else:
                 self._write_state(new_state)
         return output
+
+    @torch.jit.unused
+    def _buffers_as_state(self) -> dict[str, Tensor]:
+        return {
+            "running_mean": self.running_mean,
+            "running_var": self.running_var,
+            "num_batches_tracked": self.num_batches_tracked,
+        }
+
+    @torch.jit.unused
+    def _trains_with_torch_kernel(self, input: Tensor) -> bool:
+        """Local eager training that torch's kernel serves exactly as the functional op would."""
+        return (
+            self.training and self.track_running_stats and self.running_mean is not None
+            and self.momentum is not None and input.numel() > 0
+            and (self.eps_mode or _default_eps_mode) == "plus"
+            and not torch.compiler.is_compiling()
+        )
+
+    @torch.jit.unused
+    def _torch_kernel_forward(self, input: Tensor) -> Tensor:
+        """The functional op's checks, then torch's kernel updating the buffers in place, as
+        nn.BatchNorm does: the same numbers as the functional local path (torch's native
+        kernel too) without copying the running stats in and out."""
+        check_arguments(
+            "batch_norm", input, self._buffers_as_state(), self.weight, self.bias, training=True,
+            momentum=self.momentum, eps=self.eps, eps_mode="plus", reducer=None,
+        )
+        check_local_batch_size("batch_norm", input)
+        return self._scripted_forward(input)
 
     @torch.jit.unused
     def _journaled_forward(self, input: Tensor) -> Tensor:
@@ -255,11 +292,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
         if use_running_stats:
             # A replica calling the layer again in the same forward continues from its
             # staged (not yet written) state.
-            state = self._staged_state or {
-                "running_mean": self.running_mean,
-                "running_var": self.running_var,
-                "num_batches_tracked": self.num_batches_tracked,
-            }
+            state = self._staged_state or self._buffers_as_state()
         output, new_state = batch_norm(
             input, state, self.weight, self.bias, training=self.training,
             momentum=self.momentum, eps=self.eps, reducer=reducer,
