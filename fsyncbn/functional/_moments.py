@@ -1,8 +1,9 @@
 """Per-channel statistics: local moments, the packed message, and the merge after the sum.
 
-Numerics. Each participant computes its own mean m_i and sum of squared deviations M2_i
-(torch's batch-norm statistics kernel, or ``torch.var_mean`` for float16/bfloat16; both
-stable on offset data) in the statistics dtype. They travel as float64
+Numerics. Each participant computes its own mean m_i and biased variance v_i = M2_i / n_i
+(M2_i: the sum of squared deviations; torch's batch-norm statistics kernel, or
+``torch.var_mean`` for float16/bfloat16; both stable on offset data) in the statistics
+dtype. They travel as float64
 sums ``n_i * m_i`` and ``M2_i + n_i * m_i**2`` so that ONE element-wise sum over the
 participants merges them; the global ``M2 = S2 - S1 * mean`` then equals
 ``sum M2_i + sum n_i (m_i - mean)**2`` up to float64 rounding. Float32 data with
@@ -29,12 +30,14 @@ HEADER_SIZE = 4
 
 
 class GlobalMoments(NamedTuple):
-    """Statistics over all participants, in the statistics dtype (count in float64)."""
+    """Statistics over all participants, in the statistics dtype."""
 
     mean: Tensor  # (C,)
     var: Tensor  # (C,) biased, normalises the batch
     var_unbiased: Tensor  # (C,) for the running variance
-    count: Tensor  # () values per channel over all participants
+    # Values per channel over all participants: a Python number where the header was read
+    # on the host (eager CPU), else a 0-dim float64 tensor.
+    count: Tensor | float
 
 
 def stats_dtype(input: Tensor) -> torch.dtype:
@@ -47,7 +50,7 @@ def reduce_dims(input: Tensor) -> list[int]:
 
 
 def local_moments(input: Tensor) -> tuple[Tensor, Tensor, int]:
-    """Mean and sum of squared deviations per channel of one participant's batch, and its count.
+    """Mean and biased variance per channel of one participant's batch, and its count.
 
     An empty batch gives zeros (decided from the shape, never from data).
     """
@@ -63,32 +66,40 @@ def local_moments(input: Tensor) -> tuple[Tensor, Tensor, int]:
         mean, var = torch.batch_norm_update_stats(input, None, None, 0.0)
     else:  # also float16/bfloat16: statistics in float32, never accumulated in the input dtype
         var, mean = torch.var_mean(input.to(dtype), dim=reduce_dims(input), correction=0)
-    return mean, var * count, count
+    return mean, var, count
 
 
-def pack_moments(mean: Tensor, m2: Tensor, count: int) -> Tensor:
+def pack_moments(mean: Tensor, var: Tensor, count: int) -> Tensor:
     """The float64 message ``[1, C, C*C, n, n*m, M2 + n*m^2]`` of one participant."""
     channels = mean.shape[0]
     mean64 = mean.to(torch.float64)
-    # Filled on the device, not copied from host memory: a host-to-device copy would
-    # synchronise and cannot be captured in a CUDA graph.
-    header = [
-        torch.full((1,), value, dtype=torch.float64, device=mean.device)
-        for value in (1.0, channels, channels * channels, count)
-    ]
-    weighted_mean = mean64 * count
-    return torch.cat([*header, weighted_mean, m2.to(torch.float64) + weighted_mean * mean64])
+    header_values = (1.0, channels, channels * channels, count)
+    if mean.device.type == "cpu" and not torch.compiler.is_compiling():
+        header = [torch.tensor(header_values, dtype=torch.float64)]
+    else:
+        # Filled on the device, not copied from host memory: a host-to-device copy would
+        # synchronise and cannot be captured in a CUDA graph.
+        header = [
+            torch.full((1,), value, dtype=torch.float64, device=mean.device)
+            for value in header_values
+        ]
+    # M2 + n*m^2 = n * (var + m^2), all in float64.
+    second = torch.addcmul(var.to(torch.float64), mean64, mean64).mul_(count)
+    return torch.cat([*header, mean64 * count, second])
 
 
-def check_header(fn: str, total: Tensor, input: Tensor, training: bool) -> None:
+def check_header(fn: str, total: Tensor, input: Tensor, training: bool) -> Tensor | float:
     """Raise if the participants disagree on C, or if training sees one value per channel.
 
     Eager CPU tensors are read on the host (a clear ValueError in every participant). Under
     torch.compile or on an accelerator a host read would break the graph or stall the
     stream, so the check becomes an asynchronous device assert instead.
+
+    Returns:
+        The global count of values per channel: a Python number where the header was read
+        on the host, else a 0-dim tensor.
     """
     channels = input.shape[1]
-    participants, sum_c, sum_c2, count = total[0], total[1], total[2], total[3]
     if total.device.type == "cpu" and not torch.compiler.is_compiling():
         w, c1, c2, n = total[:HEADER_SIZE].tolist()
         if c1 != w * channels or c2 != w * channels * channels:
@@ -102,7 +113,8 @@ def check_header(fn: str, total: Tensor, input: Tensor, training: bool) -> None:
                 f"{fn}: expected more than 1 value per channel when training, got 1 over all "
                 f"{w:g} participants (input shape here {shape_str(input.shape)})"
             )
-        return
+        return n
+    participants, sum_c, sum_c2, count = total[0], total[1], total[2], total[3]
     same_channels = (sum_c == participants * channels) & (
         sum_c2 == participants * channels * channels
     )
@@ -111,16 +123,23 @@ def check_header(fn: str, total: Tensor, input: Tensor, training: bool) -> None:
         torch._assert_async(
             count != 1, f"{fn}: expected more than 1 value per channel when training"
         )
+    return count
 
 
-def merge_moments(total: Tensor, dtype: torch.dtype) -> GlobalMoments:
-    """Global mean and variances from the summed message (float64 math, ``dtype`` results)."""
-    count = total[3]
+def merge_moments(total: Tensor, count: Tensor | float, dtype: torch.dtype) -> GlobalMoments:
+    """Global mean and variances from the summed message (float64 math, ``dtype`` results).
+
+    ``count`` is the global count :func:`check_header` returned.
+    """
     sum_weighted_mean, sum_second = total[HEADER_SIZE:].chunk(2)
-    mean = sum_weighted_mean / count.clamp(min=1)
-    m2 = (sum_second - sum_weighted_mean * mean).clamp(min=0)
-    var = m2 / count.clamp(min=1)
-    var_unbiased = m2 / (count - 1).clamp(min=1)
+    if isinstance(count, Tensor):
+        divisor, divisor_unbiased = count.clamp(min=1), (count - 1).clamp(min=1)
+    else:
+        divisor, divisor_unbiased = max(count, 1.0), max(count - 1.0, 1.0)
+    mean = sum_weighted_mean / divisor
+    m2 = (sum_second - sum_weighted_mean * mean).clamp_(min=0)
+    var = m2 / divisor
+    var_unbiased = m2 / divisor_unbiased
     return GlobalMoments(mean.to(dtype), var.to(dtype), var_unbiased.to(dtype), count)
 
 
@@ -128,8 +147,8 @@ def global_moments(
     fn: str, input: Tensor, reducer: Callable[[Tensor], Tensor], training: bool
 ) -> GlobalMoments:
     """Moments of the batch spread over all participants: one call of ``reducer``, O(C)."""
-    mean, m2, count = local_moments(input.detach())
-    message = pack_moments(mean, m2, count)
+    mean, var, count = local_moments(input.detach())
+    message = pack_moments(mean, var, count)
     total = reducer(message)
     if not isinstance(total, torch.Tensor) or total.shape != message.shape:
         got = shape_str(total.shape) if isinstance(total, torch.Tensor) else type(total).__name__
@@ -137,5 +156,5 @@ def global_moments(
             f"{fn}: the reducer must return a tensor shaped like its argument "
             f"{shape_str(message.shape)}, got {got}"
         )
-    check_header(fn, total, input, training)
-    return merge_moments(total, stats_dtype(input))
+    global_count = check_header(fn, total, input, training)
+    return merge_moments(total, global_count, stats_dtype(input))

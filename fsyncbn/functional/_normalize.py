@@ -54,16 +54,21 @@ def normalize(
     return _native_inference(input, weight, bias, mean.to(dtype), var.to(dtype), 0.0, eps)[0]
 
 
-def _per_channel_affine(input: Tensor, slope: Tensor, offset: Tensor) -> Tensor:
-    """``input * slope + offset`` per channel in ``slope``'s dtype, in one native pass.
+def _normalized_affine(
+    input: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor, invstd: Tensor,
+    eps: float,
+) -> Tensor:
+    """``(input - mean) * invstd * weight + bias`` per channel, in ``weight``'s dtype, in one
+    pass: torch's inference batch-norm kernel (``invstd = 1 / sqrt(var + eps)``).
 
     Plain ops under torch.compile (Inductor fuses them) and for float16/bfloat16 input,
     whose native result would be rounded to the input dtype.
     """
-    if torch.compiler.is_compiling() or input.dtype != slope.dtype:
+    if torch.compiler.is_compiling() or input.dtype != weight.dtype:
+        slope = invstd * weight
+        offset = bias - mean * slope
         return torch.addcmul(_per_channel(offset, input), input, _per_channel(slope, input))
-    zeros = torch.zeros_like(slope)
-    return _native_inference(input, slope, offset, zeros, torch.ones_like(slope), 0.0, 0.0)[0]
+    return _native_inference(input, weight, bias, mean, var, 0.0, eps)[0]
 
 
 def _per_channel(t: Tensor, input: Tensor) -> Tensor:
@@ -98,12 +103,18 @@ class SyncNormalize(torch.autograd.Function):
         ctx.eps = eps
         ctx.reducer = reducer
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(input, weight, mean, var, count)
+        # The global count is a tensor, or a Python number where it was read on the host.
+        if isinstance(count, Tensor):
+            ctx.save_for_backward(input, weight, mean, var, count)
+        else:
+            ctx.host_count = count
+            ctx.save_for_backward(input, weight, mean, var)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        input, weight, mean, var, count = ctx.saved_tensors
+        input, weight, mean, var, *saved_count = ctx.saved_tensors
+        count = saved_count[0] if saved_count else ctx.host_count
         dtype = stats_dtype(input)
         channels = input.shape[1]
         invstd = torch.rsqrt(var + ctx.eps)
@@ -126,23 +137,22 @@ class SyncNormalize(torch.autograd.Function):
             local_sums = torch.cat([sum_dy.to(dtype), sum_dy_xhat.to(dtype)])
         # Every participant calls the reducer here, also with an empty batch: skipping it
         # would leave the others waiting.
-        global_sum_dy, global_sum_dy_xhat = ctx.reducer(local_sums).chunk(2)
+        global_sums = ctx.reducer(local_sums)
         local_sum_dy, local_sum_dy_xhat = local_sums.chunk(2)
 
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             scale = invstd if weight is None else invstd * weight.to(dtype)
-            n = count.to(dtype).clamp(min=1)
-            mean_dy = global_sum_dy / n
-            mean_dy_xhat = global_sum_dy_xhat / n
-            # dx = scale * (dy - mean_dy - xhat * mean_dy_xhat), with xhat = (x - mean) * invstd,
-            # written as (x * slope + offset) + dy * scale: two passes over the batch, the
-            # first one torch's per-channel affine kernel (the inference batch norm with mean
-            # 0 and variance 1), which is much faster on CPU than a broadcast addcmul.
-            slope = -scale * invstd * mean_dy_xhat
-            offset = scale * (mean * invstd * mean_dy_xhat - mean_dy)
-            grad_input = _per_channel_affine(input, slope, offset)
-            grad_input = grad_input.to(dtype).addcmul_(grad_output, _per_channel(scale, input))
+            # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), with the global means,
+            #    = dy * scale + (xhat * w + b),  w = -scale * mean(dy * xhat), b = -scale * mean(dy):
+            # two passes over the batch, the second one torch's inference batch-norm kernel.
+            if isinstance(count, Tensor):
+                minus_scale_over_n = -scale / count.to(dtype).clamp(min=1)
+            else:
+                minus_scale_over_n = scale * (-1.0 / max(count, 1.0))
+            b, w = (global_sums.reshape(2, channels) * minus_scale_over_n).unbind()
+            grad_input = _normalized_affine(input, w, b, mean, var, invstd, ctx.eps)
+            grad_input = grad_input.addcmul_(grad_output, _per_channel(scale, input))
             grad_input = grad_input.to(input.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = local_sum_dy_xhat.to(weight.dtype)

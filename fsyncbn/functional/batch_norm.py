@@ -251,5 +251,7 @@ def _synchronized_training(
     dtype = stats_dtype(input)
     # A batch that is empty on every participant must leave the running stats as they were:
     # scale the factor by min(count, 1) rather than branch on data.
-    factor = update_factor(state, momentum, dtype) * moments.count.clamp(max=1).to(dtype)
+    count = moments.count
+    took_part = count.clamp(max=1).to(dtype) if isinstance(count, Tensor) else min(count, 1.0)
+    factor = update_factor(state, momentum, dtype) * took_part
     return output, next_state(state, moments.mean, moments.var_unbiased, factor)
