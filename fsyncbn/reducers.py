@@ -59,6 +59,11 @@ class _AllReduceSum(torch.autograd.Function):
         return funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", ctx.group)), None
 
 
+# Per process group, the tag of the next reducer to make its first call (see _tagged_sum).
+_next_tag: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_tag_lock = threading.Lock()
+
+
 class ProcessGroupReducer:
     """Sum over the ranks of a torch.distributed process group (one all_reduce per call).
 
@@ -72,9 +77,13 @@ class ProcessGroupReducer:
     ``[1, n, n*n]`` to check that every rank sends ``n`` numbers: backends do not sum
     tensors of different sizes (gloo aborts the process), so this turns, for example,
     ranks that disagree on a batch-norm layer's channel count into a ValueError on every
-    rank. Later calls of that size cost one all_reduce. Under torch.compile the check is
-    skipped. Failures of the collective are re-raised as :class:`SynchronizationError`
-    naming ``name``.
+    rank. Later calls of that size cost one all_reduce. On CPU, two more numbers travel with
+    every sum: a tag numbering the reducer by its first call among the group's reducers on
+    its rank. Ranks running the same layers in the same order agree on every tag, so a rank
+    that skipped a layer or called one again raises :class:`SynchronizationError` on every
+    rank, instead of having its numbers summed with another layer's of the same size. Under
+    torch.compile both checks are skipped. Failures of the collective are re-raised as
+    :class:`SynchronizationError` naming ``name``.
 
     Args:
         group: the process group; None means the default group (WORLD), looked up at call
@@ -96,6 +105,7 @@ class ProcessGroupReducer:
         self.group = group
         self.name = name
         self._checked_sizes: set[int] = set()
+        self._tag: int | None = None
 
     def __call__(self, t: Tensor) -> Tensor:
         if not dist.is_available() or not dist.is_initialized():
@@ -109,6 +119,8 @@ class ProcessGroupReducer:
         try:
             if t.numel() not in self._checked_sizes:
                 self._check_size(t, group)
+            if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+                return self._tagged_sum(t, group)
             return _AllReduceSum.apply(t, group)
         except (RuntimeError, dist.DistError) as exc:
             if isinstance(exc, SynchronizationError):
@@ -119,6 +131,29 @@ class ProcessGroupReducer:
                 f"the process group's timeout, or called a different number of collectives "
                 f"({type(exc).__name__}: {reason})"
             ) from exc
+
+    def _tagged_sum(self, t: Tensor, group: dist.ProcessGroup) -> Tensor:
+        """Sum ``[tag, tag^2, *t]``, where the tag numbers this reducer by its first call among
+        the group's reducers on this rank. Ranks that run the same layers in the same order
+        agree on every tag; a rank that skipped a layer or called one again would otherwise
+        have its numbers summed with another layer's of the same size, silently."""
+        tag = self._tag if self._tag is not None else self._assign_tag(group)
+        header = torch.tensor([tag, tag * tag], dtype=t.dtype)
+        total = _AllReduceSum.apply(torch.cat([header, t]), group)
+        tag_sum, tag_square_sum = total[:2].tolist()
+        ranks = dist.get_world_size(group)
+        if tag_sum != ranks * tag or tag_square_sum != ranks * tag * tag:
+            raise SynchronizationError(
+                f"{self.name}: the ranks are out of step: this rank is at the layer it first "
+                f"synchronised as number {tag}, the {ranks} ranks average {tag_sum / ranks:g} "
+                "(a rank skipped a synchronized layer or called one again)"
+            )
+        return total[2:]
+
+    def _assign_tag(self, group: dist.ProcessGroup) -> int:
+        with _tag_lock:
+            self._tag = _next_tag.setdefault(group, itertools.count(1)).__next__()
+        return self._tag
 
     def _check_size(self, t: Tensor, group: dist.ProcessGroup) -> None:
         n = t.numel()

@@ -10,6 +10,8 @@ def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untype
         return
     write = terminalreporter.write_line
     terminalreporter.section("fault injection summary")
-    write(f"{'scenario':<30}{'path':<20}{'outcome':<48}{'seconds':>8}")
+    widths = [max(len(row[i]) for row in FAULTS) + 2 for i in range(3)]
+    s, p, o = (max(w, len(h) + 2) for w, h in zip(widths, ("scenario", "path", "outcome"), strict=True))
+    write(f"{'scenario':<{s}}{'path':<{p}}{'outcome':<{o}}{'seconds':>8}")
     for scenario, path, outcome, seconds in sorted(FAULTS):
-        write(f"{scenario:<30}{path:<20}{outcome:<48}{seconds:>8.2f}")
+        write(f"{scenario:<{s}}{path:<{p}}{outcome:<{o}}{seconds:>8.2f}")

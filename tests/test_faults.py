@@ -144,9 +144,29 @@ def _extra_call_at_step_two(rank, world_size):
         (y * torch.randn_like(y)).sum().backward()
 
 
+def _extra_call_in_the_forward_at_step_two(rank, world_size):
+    model = _layered()
+    for step in range(3):
+        x = torch.randn(3, 4, requires_grad=True)
+        h = model[0](x)
+        if rank == 1 and step == 1:
+            h = model[0](h)
+        y = model[2](model[1](h))
+        (y * torch.randn_like(y)).sum().backward()
+
+
+OUT_OF_STEP = "SynchronizedBatchNorm1d(4): the ranks are out of step: this rank is at the layer"
+SUM_FAILED = "SynchronizedBatchNorm1d(4): the sum over the process group failed"
+
+# scenario: (function, the error every rank reports, whether every rank reports it without
+# torch's own checks)
 ORDER_SCENARIOS = {
-    "skips a layer (step 2)": _skips_a_layer_at_step_two,
-    "calls a layer again (step 2)": _extra_call_at_step_two,
+    # The skipped layer's message has the size of the next one's: their tags differ.
+    "skips a layer (step 2)": (_skips_a_layer_at_step_two, OUT_OF_STEP, True),
+    "calls a layer again in the forward (step 2)": (_extra_call_in_the_forward_at_step_two,
+                                                    OUT_OF_STEP, True),
+    # The extra call's message is larger than the backward's the others send.
+    "calls a layer again (step 2)": (_extra_call_at_step_two, SUM_FAILED, False),
 }
 
 
@@ -155,18 +175,20 @@ ORDER_SCENARIOS = {
 @pytest.mark.parametrize("debug", ["DETAIL", "OFF"])
 @pytest.mark.parametrize("scenario", ORDER_SCENARIOS)
 def test_gloo_ranks_out_of_step(scenario, debug, monkeypatch):
-    """A rank that skips or repeats a layer after the first step. With torch's own collective
-    checks (TORCH_DISTRIBUTED_DEBUG=DETAIL) every rank raises a clear error; without them
-    gloo aborts a rank whose buffer is too small, and every other rank raises."""
+    """A rank that skips or repeats a layer after the first step. Where the messages have the
+    same size, every layer's tag tells every rank; where they differ, torch's own collective
+    checks (TORCH_DISTRIBUTED_DEBUG=DETAIL) make every rank raise, and without them gloo
+    aborts a rank whose buffer is too small while every other rank raises."""
     monkeypatch.setenv("TORCH_DISTRIBUTED_DEBUG", debug)
-    outcomes = launch_with_faults(3, ORDER_SCENARIOS[scenario], pg_timeout_s=PG_TIMEOUT_S)
+    fn, message, every_rank_reports = ORDER_SCENARIOS[scenario]
+    outcomes = launch_with_faults(3, fn, pg_timeout_s=PG_TIMEOUT_S)
     reported = {r: o for r, o in outcomes.items() if o[0] != "exited"}
-    if debug == "DETAIL":
+    if debug == "DETAIL" or every_rank_reports:
         assert len(reported) == 3, outcomes
     assert reported, outcomes
     for kind, text, seconds in reported.values():
         assert kind == "SynchronizationError", text
-        assert text.startswith("SynchronizedBatchNorm1d(4): the sum over the process group failed")
+        assert text.startswith(message), text
         assert seconds < PG_TIMEOUT_S + 10
     aborted = len(outcomes) - len(reported)
     record_fault(scenario, f"gloo x3 {debug.lower()}",
