@@ -78,8 +78,8 @@ class ProcessGroupReducer:
     tensors of different sizes (gloo aborts the process), so this turns, for example,
     ranks that disagree on a batch-norm layer's channel count into a ValueError on every
     rank. Later calls of that size cost one all_reduce. On CPU, two more numbers travel with
-    every sum: a tag numbering the reducer by its first call among the group's reducers on
-    its rank. Ranks running the same layers in the same order agree on every tag, so a rank
+    every float64 sum (the forward's message of every batch-norm layer): a tag numbering the
+    reducer by its first call among the group's reducers on its rank. Ranks running the same layers in the same order agree on every tag, so a rank
     that skipped a layer or called one again raises :class:`SynchronizationError` on every
     rank, instead of having its numbers summed with another layer's of the same size. Under
     torch.compile both checks are skipped. Failures of the collective are re-raised as
@@ -119,7 +119,7 @@ class ProcessGroupReducer:
         try:
             if t.numel() not in self._checked_sizes:
                 self._check_size(t, group)
-            if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+            if t.device.type == "cpu" and t.dtype == torch.float64:
                 return self._tagged_sum(t, group)
             return _AllReduceSum.apply(t, group)
         except (RuntimeError, dist.DistError) as exc:
@@ -152,7 +152,9 @@ class ProcessGroupReducer:
 
     def _assign_tag(self, group: dist.ProcessGroup) -> int:
         with _tag_lock:
-            self._tag = _next_tag.setdefault(group, itertools.count(1)).__next__()
+            index = next(_next_tag.setdefault(group, itertools.count()))
+        # Kept small enough that float64 sums of tag^2 stay exact for any world size.
+        self._tag = 1 + index % 65536
         return self._tag
 
     def _check_size(self, t: Tensor, group: dist.ProcessGroup) -> None:
