@@ -46,10 +46,11 @@ def markdown(results: dict) -> str:
     ddp = [r for r in results["rows"] if r["case"].startswith("d ")]
     if ddp:
         lines += ["", "| case | fsyncbn ms | nn.BatchNorm2d ms | ratio (spread) | BN collectives/step | "
-                  "BN bytes/step |", "|---|---|---|---|---|---|"]
+                  "BN bytes/step | one all_reduce ms | latency floor |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['case']} | {r['ours_us'] / 1e3:.1f} | {r['theirs_us'] / 1e3:.1f} | "
                   f"{r['ratio']:.2f} ({r['low']:.2f}-{r['high']:.2f}) | {r['bn_collectives_per_step']} | "
-                  f"{r['bn_bytes_per_step']} |" for r in ddp]
+                  f"{r['bn_bytes_per_step']} | {r['all_reduce_us'] / 1e3:.2f} | "
+                  f"{r['latency_floor_ratio']:.2f} |" for r in ddp]
     comm = [r for r in results["rows"] if r["case"].startswith("e ")]
     if comm:
         lines += ["", "| world size | C | fsyncbn numbers/layer/step | torch.nn.SyncBatchNorm all_gather |",

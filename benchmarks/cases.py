@@ -177,10 +177,28 @@ def _ddp_worker(rank: int, world_size: int, port: int, quick: bool, results) -> 
         step("fsyncbn")()
     r = compare(step("fsyncbn"), step("nn.BatchNorm2d"), rounds=5 if quick else 9,
                 iters=3 if quick else 10)
+    latency = _all_reduce_latency_us(counter.bytes // max(counter.calls, 1) // 8)
     if rank == 0:
+        # The floor: torch's step plus the BN collectives at this latency, with no compute.
+        floor = (r.theirs_us + counter.calls * latency) / r.theirs_us
         results.put({"case": "d DDP step, 2 gloo processes, 7 BN layers", **r.__dict__,
-                     "bn_collectives_per_step": counter.calls, "bn_bytes_per_step": counter.bytes})
+                     "bn_collectives_per_step": counter.calls, "bn_bytes_per_step": counter.bytes,
+                     "all_reduce_us": latency, "latency_floor_ratio": floor})
     dist.destroy_process_group()
+
+
+def _all_reduce_latency_us(numel: int, iters: int = 200) -> float:
+    """Median time of one blocking all_reduce of ``numel`` float64 numbers, nothing else."""
+    import statistics
+    import time
+
+    t = torch.zeros(numel, dtype=torch.float64)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        dist.all_reduce(t)
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times[iters // 10:])
 
 
 def ddp_step(quick: bool) -> list[dict]:
