@@ -79,10 +79,11 @@ class ProcessGroupReducer:
     ranks that disagree on a batch-norm layer's channel count into a ValueError on every
     rank. Later calls of that size cost one all_reduce. On CPU, two more numbers travel with
     every float64 sum (the forward's message of every batch-norm layer): a tag numbering the
-    reducer by its first call among the group's reducers on its rank. Ranks running the same layers in the same order agree on every tag, so a rank
-    that skipped a layer or called one again raises :class:`SynchronizationError` on every
-    rank, instead of having its numbers summed with another layer's of the same size. Under
-    torch.compile both checks are skipped. Failures of the collective are re-raised as
+    reducer by its first call among the group's reducers on its rank. Ranks running the same
+    layers in the same order agree on every tag, so a rank that skipped a layer or called
+    one again raises :class:`SynchronizationError` on every rank, instead of having its
+    numbers summed with another layer's of the same size. Under torch.compile both checks
+    are skipped. Failures of the collective are re-raised as
     :class:`SynchronizationError` naming ``name``.
 
     Args:

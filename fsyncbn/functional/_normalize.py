@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ._checks import values_per_channel
-from ._moments import stats_dtype
+from ._moments import channels_innermost, stats_dtype
 
 _native_inference = torch.ops.aten._native_batch_norm_legit_no_training
 _native_backward = torch.ops.aten.native_batch_norm_backward
@@ -34,9 +34,16 @@ def normalization_terms(var: Tensor, eps: float, eps_mode: str) -> tuple[Tensor,
 
 
 def normalize(
-    input: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor, eps: float
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+    eps: float, *, statistics_in_graph: bool = False,
 ) -> Tensor:
-    """``(input - mean) / sqrt(var + eps) * weight + bias`` per channel, with torch's kernel."""
+    """``(input - mean) / sqrt(var + eps) * weight + bias`` per channel, with torch's kernel.
+
+    ``statistics_in_graph``: ``mean`` and ``var`` are computed in the same compiled graph
+    (not buffers). Then, on CPU with the channels varying fastest in memory, the kernel is
+    called as an opaque op, because Inductor would recompute the statistics (in float64)
+    for every element of the output: measured 2-3x slower than torch's kernel.
+    """
     dtype = stats_dtype(input)
     if input.numel() == 0:
         # The native backward crashes (SIGFPE) on empty input; plain ops give the same
@@ -52,7 +59,27 @@ def normalize(
     # Reduced-precision input runs in the kernel's mixed mode: float32 parameters.
     weight = None if weight is None else weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
-    return _native_inference(input, weight, bias, mean.to(dtype), var.to(dtype), 0.0, eps)[0]
+    mean, var = mean.to(dtype), var.to(dtype)
+    if (
+        statistics_in_graph and torch.compiler.is_compiling() and input.device.type == "cpu"
+        and channels_innermost(input)
+    ):
+        return _opaque_inference(input, weight, bias, mean, var, eps)
+    return _native_inference(input, weight, bias, mean, var, 0.0, eps)[0]
+
+
+@torch.library.custom_op("fsyncbn::batch_norm_inference", mutates_args=())
+def _opaque_inference(
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+    eps: float,
+) -> Tensor:
+    """torch's inference batch-norm kernel, opaque to torch.compile."""
+    return _native_inference(input, weight, bias, mean, var, 0.0, eps)[0]
+
+
+@_opaque_inference.register_fake
+def _(input, weight, bias, mean, var, eps):  # noqa: ANN001, ANN202 - mirrors the op
+    return torch.empty_like(input)
 
 
 def _normalized_affine(
@@ -96,7 +123,7 @@ class SyncNormalize(torch.autograd.Function):
         count: Tensor,
         reducer: Callable[[Tensor], Tensor],
     ) -> Tensor:
-        return normalize(input, weight, bias, mean, var, eps)
+        return normalize(input, weight, bias, mean, var, eps, statistics_in_graph=True)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]

@@ -56,3 +56,35 @@ def test_header_check_is_an_async_assert_under_compile():
     assert compiled(torch.randn(4, 3)).shape == (4, 3)
     with pytest.raises(RuntimeError, match="expected more than 1 value per channel when training"):
         compiled(torch.randn(1, 3))
+
+
+LAYOUTS = {
+    "(N, C)": ((8, 3), torch.contiguous_format),
+    "(N, C, H, W)": ((6, 3, 4, 4), torch.contiguous_format),
+    "channels_last": ((6, 3, 4, 4), torch.channels_last),
+    "channels_last_3d": ((4, 3, 2, 3, 3), torch.channels_last_3d),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_compiled_sync_path_equals_eager_in_every_layout(layout):
+    """Channels-innermost layouts take torch's kernels as opaque ops when compiled on CPU."""
+    shape, memory_format = LAYOUTS[layout]
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=memory_format)
+    w, b = torch.rand(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    state = init_state(3, dtype=torch.float64)
+    g = informative_grad(shape, torch.float64).contiguous(memory_format=memory_format)
+
+    def step(x, w, b):
+        return sync_batch_norm(x, state, w, b, reducer=LocalReducer())
+
+    torch._dynamo.reset()
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        xi, wi, bi = (t.clone().requires_grad_() for t in (x, w, b))
+        y, new_state = fn(xi, wi, bi)
+        (y * g).sum().backward()
+        results.append((y.detach(), xi.grad, wi.grad, bi.grad, *new_state.values()))
+    assert results[1][0].stride() == results[0][0].stride()  # the layout is kept
+    for eager, compiled in zip(*results, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-9, atol=1e-9)
