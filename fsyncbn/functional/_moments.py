@@ -1,9 +1,9 @@
 """Per-channel statistics: local moments, the packed message, and the merge after the sum.
 
 Numerics. Each participant computes its own mean m_i and biased variance v_i = M2_i / n_i
-(M2_i: the sum of squared deviations; torch's batch-norm statistics kernel, or
-``torch.var_mean`` for float16/bfloat16; both stable on offset data) in the statistics
-dtype. They travel as float64
+(M2_i: the sum of squared deviations) in the statistics dtype, in two passes (torch's
+batch-norm statistics kernel; under torch.compile, a mean and then a mean of squared
+deviations), which stays stable on offset data. They travel as float64
 sums ``n_i * m_i`` and ``M2_i + n_i * m_i**2`` so that ONE element-wise sum over the
 participants merges them; the global ``M2 = S2 - S1 * mean`` then equals
 ``sum M2_i + sum n_i (m_i - mean)**2`` up to float64 rounding. Float32 data with

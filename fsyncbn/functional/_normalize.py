@@ -120,7 +120,7 @@ class SyncNormalize(torch.autograd.Function):
         mean: Tensor,
         var: Tensor,
         eps: float,
-        count: Tensor,
+        count: Tensor | float,
         reducer: Callable[[Tensor], Tensor],
     ) -> Tensor:
         return normalize(input, weight, bias, mean, var, eps, statistics_in_graph=True)
