@@ -46,17 +46,31 @@ class LocalReducer:
         return "LocalReducer()"
 
 
+def _all_reduce_sum(t: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """The sum of ``t`` over ``group``, out of place.
+
+    torch.compile traces the functional collective. In eager mode the plain c10d call costs
+    far less around the collective itself (gloo, one rank, 132 numbers: about 75 us against
+    335 us for funcol's all_reduce + wait_tensor).
+    """
+    if torch.compiler.is_compiling():
+        return funcol.wait_tensor(funcol.all_reduce(t, "sum", group))
+    total = t.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total
+
+
 class _AllReduceSum(torch.autograd.Function):
     """all_reduce(SUM) whose backward is all_reduce(SUM) of the gradients."""
 
     @staticmethod
     def forward(ctx, t: Tensor, group: dist.ProcessGroup) -> Tensor:  # type: ignore[override]
         ctx.group = group
-        return funcol.wait_tensor(funcol.all_reduce(t, "sum", group))
+        return _all_reduce_sum(t, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return funcol.wait_tensor(funcol.all_reduce(grad.contiguous(), "sum", ctx.group)), None
+        return _all_reduce_sum(grad.contiguous(), ctx.group), None
 
 
 # Per process group, the tag of the next reducer to make its first call (see _tagged_sum).
@@ -161,7 +175,7 @@ class ProcessGroupReducer:
     def _check_size(self, t: Tensor, group: dist.ProcessGroup) -> None:
         n = t.numel()
         probe = torch.tensor([1.0, n, n * n], dtype=torch.float64, device=t.device)
-        ranks, total, total_sq = funcol.wait_tensor(funcol.all_reduce(probe, "sum", group)).tolist()
+        ranks, total, total_sq = _all_reduce_sum(probe, group).tolist()
         if total != ranks * n or total_sq != ranks * n * n:
             raise ValueError(
                 f"{self.name}: the ranks disagree on the size of the tensor to sum: this rank "
