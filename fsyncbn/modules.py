@@ -104,7 +104,7 @@ def roll_back_step() -> None:
 class _SynchronizedBatchNorm(_BatchNorm):
     """Shared body of the synchronized layers; see the module docstring."""
 
-    # TorchScript: the scripted forward is torch's local batch norm (see _scripted_forward);
+    # TorchScript: the scripted forward is torch's local batch norm (see _torch_forward);
     # what only Python needs stays out of the script.
     eps_mode: Optional[str]  # noqa: UP045 - TorchScript reads this annotation
     __jit_unused_properties__ = ["process_group"]
@@ -185,11 +185,12 @@ class _SynchronizedBatchNorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if torch.jit.is_scripting():
-            return self._scripted_forward(input)
+            return self._torch_forward(input)
         return self._synchronized_forward(input)
 
-    def _scripted_forward(self, input: Tensor) -> Tensor:
-        """Under TorchScript: nn.BatchNorm's own computation, without synchronisation.
+    def _torch_forward(self, input: Tensor) -> Tensor:
+        """nn.BatchNorm's own computation, without synchronisation, updating the buffers in
+        place: the forward under TorchScript, and local eager training.
 
         TorchScript cannot compile the functional op (keyword-only defaults, Literal,
         torch.distributed), so a scripted layer is local, serves eps_mode "plus" only, and
@@ -256,7 +257,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
             momentum=self.momentum, eps=self.eps, eps_mode="plus", reducer=None,
         )
         check_local_batch_size("batch_norm", input)
-        return self._scripted_forward(input)
+        return self._torch_forward(input)
 
     @torch.jit.unused
     def _journaled_forward(self, input: Tensor) -> Tensor:
