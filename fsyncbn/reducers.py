@@ -121,6 +121,7 @@ class ProcessGroupReducer:
         self.name = name
         self._checked_sizes: set[int] = set()
         self._tag: int | None = None
+        self._tag_header: Tensor | None = None  # [tag, tag^2], built with the tag
 
     def __call__(self, t: Tensor) -> Tensor:
         if not dist.is_available() or not dist.is_initialized():
@@ -152,9 +153,10 @@ class ProcessGroupReducer:
         the group's reducers on this rank. Ranks that run the same layers in the same order
         agree on every tag; a rank that skipped a layer or called one again would otherwise
         have its numbers summed with another layer's of the same size, silently."""
-        tag = self._tag if self._tag is not None else self._assign_tag(group)
-        header = torch.tensor([tag, tag * tag], dtype=t.dtype)
-        total = _AllReduceSum.apply(torch.cat([header, t]), group)
+        if self._tag is None:
+            self._assign_tag(group)
+        tag = self._tag
+        total = _AllReduceSum.apply(torch.cat([self._tag_header, t]), group)
         tag_sum, tag_square_sum = total[:2].tolist()
         ranks = dist.get_world_size(group)
         if tag_sum != ranks * tag or tag_square_sum != ranks * tag * tag:
@@ -165,12 +167,12 @@ class ProcessGroupReducer:
             )
         return total[2:]
 
-    def _assign_tag(self, group: dist.ProcessGroup) -> int:
+    def _assign_tag(self, group: dist.ProcessGroup) -> None:
         with _tag_lock:
             index = next(_next_tag.setdefault(group, itertools.count()))
         # Kept small enough that float64 sums of tag^2 stay exact for any world size.
         self._tag = 1 + index % 65536
-        return self._tag
+        self._tag_header = torch.tensor([self._tag, self._tag**2], dtype=torch.float64)
 
     def _check_size(self, t: Tensor, group: dist.ProcessGroup) -> None:
         n = t.numel()
