@@ -134,7 +134,7 @@ class CountingAllReduce:
         import fsyncbn.reducers as reducers
 
         self.module = reducers
-        self.original = reducers._all_reduce_sum
+        self.original = reducers.all_reduce_sum
         self.calls = 0
         self.bytes = 0
 
@@ -144,11 +144,11 @@ class CountingAllReduce:
             self.bytes += t.numel() * t.element_size()
             return self.original(t, *args, **kwargs)
 
-        self.module._all_reduce_sum = counted
+        self.module.all_reduce_sum = counted
         return self
 
     def __exit__(self, *exc) -> None:
-        self.module._all_reduce_sum = self.original
+        self.module.all_reduce_sum = self.original
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, quick: bool, results) -> None:

@@ -5,8 +5,9 @@ statistics over participants (:mod:`fsyncbn.reducers`), and the familiar modules
 helpers of Synchronized-BatchNorm-PyTorch and torch.nn.SyncBatchNorm.
 """
 
-from . import functional, reducers
+from . import functional, reducers, replicas
 from .convert import convert_model, patch_sync_batchnorm, revert_model
+from .functional.agreement import SynchronizationError
 from .modules import (
     SyncBatchNorm,
     SynchronizedBatchNorm1d,
@@ -21,7 +22,8 @@ from .parallel import (
     execute_replication_callbacks,
     patch_replication_callback,
 )
-from .reducers import LocalReducer, ProcessGroupReducer, ReplicaGroup, SynchronizationError
+from .reducers import LocalReducer, ProcessGroupReducer
+from .replicas import ReplicaGroup
 
 __version__ = "0.1.0"
 
@@ -42,6 +44,7 @@ __all__ = [
     "patch_replication_callback",
     "patch_sync_batchnorm",
     "reducers",
+    "replicas",
     "revert_model",
     "roll_back_step",
     "set_sbn_eps_mode",

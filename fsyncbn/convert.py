@@ -20,14 +20,14 @@ from .modules import (
     SynchronizedBatchNorm1d,
     SynchronizedBatchNorm2d,
     SynchronizedBatchNorm3d,
-    _SynchronizedBatchNorm,
-    _transfer,
+    SynchronizedBatchNormBase,
+    transfer_batch_norm,
 )
 from .parallel import DEFAULT_SYNC_TIMEOUT_S, DataParallelWithCallback
 
 __all__ = ["convert_model", "patch_sync_batchnorm", "revert_model"]
 
-_TO_FSYNCBN: dict[type[nn.Module], type[_SynchronizedBatchNorm]] = {
+_TO_FSYNCBN: dict[type[nn.Module], type[SynchronizedBatchNormBase]] = {
     nn.BatchNorm1d: SynchronizedBatchNorm1d,
     nn.BatchNorm2d: SynchronizedBatchNorm2d,
     nn.BatchNorm3d: SynchronizedBatchNorm3d,
@@ -107,7 +107,7 @@ def revert_model(module: nn.Module) -> nn.Module:
                 f"{target.__name__}, which normalises with sqrt(var + eps)", stacklevel=2,
             )
         extra = {"process_group": module.process_group} if target is nn.SyncBatchNorm else {}
-        reverted = _transfer(module, target, **extra)  # type: ignore[arg-type]
+        reverted = transfer_batch_norm(module, target, **extra)  # type: ignore[arg-type]
     for name, child in module.named_children():
         reverted.add_module(name, revert_model(child))
     return reverted

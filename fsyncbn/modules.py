@@ -1,28 +1,29 @@
 """Stateful batch-norm layers: SynchronizedBatchNorm1d/2d/3d and SyncBatchNorm.
 
-Each forward is three steps: read the state from the buffers, call
-:func:`fsyncbn.functional.batch_norm` with the reducer the context calls for, copy the
-returned state into the buffers. Behaviour (numerics, checks, empty batches) is documented
-once, in :mod:`fsyncbn.functional`.
+Each training forward takes one path: the context picks a *route*, a reducer and a commit
+policy; the layer's buffers go through the functional op (:func:`fsyncbn.functional.ops.
+run_batch_norm`) with that reducer; the route commits the new statistics. Behaviour
+(numerics, checks, empty batches) is documented once, in :mod:`fsyncbn.functional`.
 
-Which participants a layer synchronises with, in training:
+The routes, in training:
 
-(a) inside :class:`fsyncbn.DataParallelWithCallback` (or a patched nn.DataParallel): the
-    other replicas of the same forward;
-(b) with torch.distributed initialised and ``process_group`` (default WORLD) of size > 1:
-    the ranks of that group (DDP, torchrun, multi-node);
-(c) otherwise nobody: the layer is nn.BatchNormXd, bit for bit.
+(a) a replica inside :class:`fsyncbn.DataParallelWithCallback` (or a patched nn.DataParallel)
+    sums with the other replicas of the same forward and *stages* its new statistics: they
+    are written only once every replica's forward has succeeded;
+(b) with torch.distributed initialised and ``process_group`` (default WORLD) of size > 1,
+    the layer sums over the ranks of that group and *journals* its writes: the values from
+    before the step are kept, and restored in every layer of the step if any of them fails
+    (see :mod:`fsyncbn.step_journal`; under torch.compile writes are not journaled);
+(c) otherwise nobody: the layer *writes* in place, and is nn.BatchNormXd bit for bit.
 
-In eval mode the running statistics are used and nothing is synchronised.
-
-The buffers are written only after the synchronisation succeeded: on path (a) once every
-replica's forward has; on path (b) right away, with the values from before the step kept
-by a journal that restores every layer of the step if any of them fails.
+In eval mode the running statistics are used and nothing is synchronised or written.
 """
 
 # No `from __future__ import annotations`: TorchScript reads these annotations at runtime.
+import gc
 import inspect
-from typing import Any, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,33 +31,31 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from ._step_journal import StepJournal
-from .functional import batch_norm
-from .functional._checks import (
-    EPS_MODES,
-    check_arguments,
-    check_hyperparameters,
-    check_local_batch_size,
-)
-from .reducers import ProcessGroupReducer, ReplicaGroup
+from .functional.agreement import SynchronizationError
+from .functional.checks import EPS_MODES, check_hyperparameters
+from .functional.ops import run_batch_norm
+from .functional.state import STATE_KEYS, State, check_num_features
+from .reducers import ProcessGroupReducer
+from .replicas import ReplicaGroup
+from .step_journal import StepJournal, journal_for, roll_back_thread
 
 __all__ = [
     "SyncBatchNorm",
     "SynchronizedBatchNorm1d",
     "SynchronizedBatchNorm2d",
     "SynchronizedBatchNorm3d",
+    "SynchronizedBatchNormBase",
     "get_sbn_eps_mode",
+    "layer_label",
     "roll_back_step",
     "set_sbn_eps_mode",
+    "transfer_batch_norm",
 ]
 
 # Older torch has no ``bias`` keyword on batch norm; offer it where the installed one does.
-_TORCH_HAS_BIAS = "bias" in inspect.signature(_NormBase.__init__).parameters
+TORCH_HAS_BIAS = "bias" in inspect.signature(_NormBase.__init__).parameters
 
 _default_eps_mode = "plus"
-
-# Running-statistics writes of the current training step on the torch.distributed path.
-_journal = StepJournal()
 
 
 def set_sbn_eps_mode(mode: str) -> None:
@@ -92,16 +91,92 @@ def roll_back_step() -> None:
 
     fsyncbn does this by itself when a synchronized layer fails, on every rank that sees the
     failure. Call it when your own code raises in the middle of a step, so that this rank too
-    keeps nothing of it. The replica path (DataParallel) never writes a failed step, and the
-    local path has nothing to undo.
+    keeps nothing of it. It undoes the steps of the calling thread, on every process group.
+    The replica path (DataParallel) never writes a failed step, and the local path has
+    nothing to undo.
 
     Example:
         >>> roll_back_step()  # nothing to undo outside a step
     """
-    _journal.roll_back()
+    roll_back_thread()
 
 
-class _SynchronizedBatchNorm(_BatchNorm):
+def layer_label(layer: nn.Module) -> str:
+    """How errors name a layer: ``SynchronizedBatchNorm2d 'features.1'``, its class and its
+    qualified name in the model that holds it (found when first needed)."""
+    name = getattr(layer, "qualified_name", None)
+    if name is None:
+        name = _find_qualified_name(layer)
+    return f"{type(layer).__name__} {name!r}" if name else f"{type(layer).__name__}({layer.num_features})"
+
+
+def _find_qualified_name(layer: nn.Module) -> str | None:
+    """The dotted path from the outermost module holding ``layer`` down to it, or None.
+
+    Only on error paths: it asks the garbage collector which modules hold the layer, since a
+    layer is not told where it is registered.
+    """
+    path: list[str] = []
+    child: nn.Module = layer
+    seen = {id(layer)}
+    while True:
+        parent = _parent_of(child)
+        if parent is None or id(parent[0]) in seen:
+            break
+        seen.add(id(parent[0]))
+        owner, key = parent
+        if isinstance(owner, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            break  # the user's model is the wrapped module
+        path.append(key)
+        child = owner
+    return ".".join(reversed(path)) or None
+
+
+def _parent_of(child: nn.Module) -> tuple[nn.Module, str] | None:
+    for holder in gc.get_referrers(child):
+        if not isinstance(holder, dict):
+            continue
+        key = next((k for k, v in holder.items() if v is child), None)
+        if key is None:
+            continue
+        for owner in gc.get_referrers(holder):
+            if isinstance(owner, nn.Module) and owner.__dict__.get("_modules") is holder:
+                return owner, key
+            if isinstance(owner, dict) and owner.get("_modules") is holder:
+                for module in gc.get_referrers(owner):
+                    if isinstance(module, nn.Module) and module.__dict__ is owner:
+                        return module, key
+    return None
+
+
+class _Route(NamedTuple):
+    """How one training forward of a layer synchronises and commits (see the module doc)."""
+
+    reducer: Callable[[Tensor], Tensor] | None
+    in_place: bool  # the functional op writes the buffers itself
+    journal: StepJournal | None
+
+
+class _JournaledReducer:
+    """The process-group reducer of one layer call: a failure, also in backward (which may
+    run on another thread), rolls back the step of the journal the forward used, and names
+    the layer."""
+
+    def __init__(self, layer: "SynchronizedBatchNormBase", journal: StepJournal) -> None:
+        self.layer, self.journal = layer, journal
+
+    def __call__(self, t: Tensor) -> Tensor:
+        try:
+            return self.layer._process_group_reducer(t)
+        except BaseException as exc:
+            self.journal.roll_back()
+            labelled = self.layer._labelled(exc)
+            if labelled is exc:
+                raise
+            raise labelled from exc
+
+
+class SynchronizedBatchNormBase(_BatchNorm):
     """Shared body of the synchronized layers; see the module docstring."""
 
     # TorchScript: the scripted forward is torch's local batch norm (see _torch_forward);
@@ -125,19 +200,18 @@ class _SynchronizedBatchNorm(_BatchNorm):
         eps_mode: str | None = None,
     ) -> None:
         name = type(self).__name__
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-            raise ValueError(f"{name}: expected num_features > 0, got {num_features!r}")
+        check_num_features(name, num_features)
         check_hyperparameters(name, momentum, eps, eps_mode or "plus")
-        extra = {"bias": bias} if _TORCH_HAS_BIAS else {}
-        if not bias and not _TORCH_HAS_BIAS:
+        extra = {"bias": bias} if TORCH_HAS_BIAS else {}
+        if not bias and not TORCH_HAS_BIAS:
             raise TypeError(f"{name}: bias=False needs a torch whose BatchNorm has `bias`")
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra
         )
         self.eps_mode = eps_mode
-        self._process_group_reducer = ProcessGroupReducer(process_group, name=self._describe())
+        self._process_group_reducer = _layer_reducer(name, process_group)
         self._replica: tuple[ReplicaGroup, int] | None = None
-        self._staged_state: dict[str, Tensor] | None = None
+        self._staged_state: State | None = None
 
     @property
     def process_group(self) -> dist.ProcessGroup | None:
@@ -146,10 +220,7 @@ class _SynchronizedBatchNorm(_BatchNorm):
 
     @process_group.setter
     def process_group(self, group: dist.ProcessGroup | None) -> None:
-        self._process_group_reducer = ProcessGroupReducer(group, name=self._describe())
-
-    def _describe(self) -> str:
-        return f"{type(self).__name__}({self.num_features})"
+        self._process_group_reducer = _layer_reducer(type(self).__name__, group)
 
     def attach_replica(self, group: ReplicaGroup | None, replica: int = 0) -> None:
         """Make this layer replica ``replica`` of ``group`` (None detaches it).
@@ -164,33 +235,85 @@ class _SynchronizedBatchNorm(_BatchNorm):
         """Write the staged running statistics into the buffers (``keep``), or drop them."""
         staged, self._staged_state = self._staged_state, None
         if keep and staged is not None:
-            self._write_state(staged)
-
-    def _write_state(self, new_state: dict[str, Tensor]) -> None:
-        with torch.no_grad():
-            for key, value in new_state.items():
-                getattr(self, key).copy_(value)
-
-    def _reducer(self):
-        if not self.training:
-            return None
-        if self._replica is not None:
-            group, replica = self._replica
-            return group.reducer(replica)
-        if dist.is_available() and dist.is_initialized():
-            if dist.get_world_size(self.process_group) > 1:
-                return self._process_group_reducer
-        return None
+            with torch.no_grad():
+                for key in STATE_KEYS:
+                    getattr(self, key).copy_(staged[key])
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if torch.jit.is_scripting():
             return self._torch_forward(input)
-        return self._synchronized_forward(input)
+        return self._forward(input)
+
+    @torch.jit.unused
+    def _forward(self, input: Tensor) -> Tensor:
+        """The one path: route, then buffers -> functional op -> commit."""
+        route = self._route()
+        state = self._state()
+        if route.journal is not None:
+            route.journal.layer_starts(self)
+            if state is not None:
+                route.journal.layer_writes(self)
+        try:
+            output, new_state = run_batch_norm(
+                "batch_norm", input, state, self.weight, self.bias, training=self.training,
+                momentum=self.momentum, eps=self.eps, reducer=route.reducer,
+                eps_mode=self.eps_mode or _default_eps_mode, in_place=route.in_place,
+            )
+        except BaseException as exc:
+            if route.journal is not None:
+                route.journal.roll_back()
+            labelled = self._labelled(exc)
+            if labelled is exc:
+                raise
+            raise labelled from exc
+        if self.training and not route.in_place:
+            self._staged_state = new_state
+        if route.journal is not None:
+            route.journal.layer_returns(self, output)
+        return output
+
+    @torch.jit.unused
+    def _route(self) -> _Route:
+        """Pick the reducer and commit policy of this forward (see the module docstring)."""
+        if not self.training:
+            return _Route(None, True, None)
+        if self._replica is not None:
+            group, replica = self._replica
+            return _Route(group.reducer(replica), False, None)
+        if dist.is_available() and dist.is_initialized():
+            group = self.process_group
+            if dist.get_world_size(group) > 1:
+                if torch.compiler.is_compiling():
+                    return _Route(self._process_group_reducer, True, None)
+                journal = journal_for(group if group is not None else dist.group.WORLD)
+                return _Route(_JournaledReducer(self, journal), True, journal)
+        return _Route(None, True, None)
+
+    @torch.jit.unused
+    def _state(self) -> State | None:
+        """The running statistics this forward starts from, or None when it uses none."""
+        if self.running_mean is None or (self.training and not self.track_running_stats):
+            return None
+        # A replica calling the layer again in the same forward continues from its staged
+        # (not yet written) state.
+        if self._staged_state is not None:
+            return self._staged_state
+        return {key: getattr(self, key) for key in STATE_KEYS}
+
+    @torch.jit.unused
+    def _labelled(self, exc: BaseException) -> BaseException:
+        """``exc``, or for a SynchronizationError not yet naming this layer, one that does."""
+        if not isinstance(exc, SynchronizationError):
+            return exc
+        label = layer_label(self)
+        if str(exc).startswith(label):
+            return exc
+        return SynchronizationError(f"{label}: {exc}")
 
     def _torch_forward(self, input: Tensor) -> Tensor:
         """nn.BatchNorm's own computation, without synchronisation, updating the buffers in
-        place: the forward under TorchScript, and local eager training.
+        place: the forward under TorchScript.
 
         TorchScript cannot compile the functional op (keyword-only defaults, Literal,
         torch.distributed), so a scripted layer is local, serves eps_mode "plus" only, and
@@ -213,94 +336,6 @@ class _SynchronizedBatchNorm(_BatchNorm):
             self.weight, self.bias, use_batch_stats, factor, self.eps,
         )
 
-    @torch.jit.unused
-    def _synchronized_forward(self, input: Tensor) -> Tensor:
-        reducer = self._reducer()
-        if reducer is None and self._trains_with_torch_kernel(input):
-            return self._torch_kernel_forward(input)
-        if reducer is self._process_group_reducer and not torch.compiler.is_compiling():
-            return self._journaled_forward(input)
-        output, new_state = self._batch_norm(input, reducer)
-        if new_state is not None:
-            # A DataParallel replica writes only once every replica's forward has succeeded.
-            if self._replica is not None:
-                self._staged_state = new_state
-            else:
-                self._write_state(new_state)
-        return output
-
-    @torch.jit.unused
-    def _buffers_as_state(self) -> dict[str, Tensor]:
-        return {
-            "running_mean": self.running_mean,
-            "running_var": self.running_var,
-            "num_batches_tracked": self.num_batches_tracked,
-        }
-
-    @torch.jit.unused
-    def _trains_with_torch_kernel(self, input: Tensor) -> bool:
-        """Local eager training that torch's kernel serves exactly as the functional op would."""
-        return (
-            self.training and self.track_running_stats and self.running_mean is not None
-            and self.momentum is not None and input.numel() > 0
-            and (self.eps_mode or _default_eps_mode) == "plus"
-            and not torch.compiler.is_compiling()
-        )
-
-    @torch.jit.unused
-    def _torch_kernel_forward(self, input: Tensor) -> Tensor:
-        """The functional op's checks, then torch's kernel updating the buffers in place, as
-        nn.BatchNorm does: the same numbers as the functional local path (torch's native
-        kernel too) without copying the running stats in and out."""
-        check_arguments(
-            "batch_norm", input, self._buffers_as_state(), self.weight, self.bias, training=True,
-            momentum=self.momentum, eps=self.eps, eps_mode="plus", reducer=None,
-        )
-        check_local_batch_size("batch_norm", input)
-        return self._torch_forward(input)
-
-    @torch.jit.unused
-    def _journaled_forward(self, input: Tensor) -> Tensor:
-        """The torch.distributed path in eager mode: if this layer fails, in forward or in
-        backward, every layer's writes of the current step are undone (see _step_journal)."""
-        _journal.layer_starts(self)
-        try:
-            output, new_state = self._batch_norm(input, self._rolling_back_reducer)
-            if new_state is not None:
-                _journal.layer_writes(self)
-                self._write_state(new_state)
-        except BaseException:
-            _journal.roll_back()
-            raise
-        _journal.layer_returns(self, output)
-        return output
-
-    @torch.jit.unused
-    def _rolling_back_reducer(self, t: Tensor) -> Tensor:
-        try:
-            return self._process_group_reducer(t)
-        except BaseException:
-            _journal.roll_back()  # in backward nobody else sees the failure first
-            raise
-
-    @torch.jit.unused
-    def _batch_norm(self, input: Tensor, reducer: Any) -> tuple[Tensor, dict[str, Tensor] | None]:
-        """The functional op on this layer's state; the new state is returned in training."""
-        use_running_stats = self.running_mean is not None and (
-            not self.training or self.track_running_stats
-        )
-        state = None
-        if use_running_stats:
-            # A replica calling the layer again in the same forward continues from its
-            # staged (not yet written) state.
-            state = self._staged_state or self._buffers_as_state()
-        output, new_state = batch_norm(
-            input, state, self.weight, self.bias, training=self.training,
-            momentum=self.momentum, eps=self.eps, reducer=reducer,
-            eps_mode=self.eps_mode or _default_eps_mode,
-        )
-        return output, new_state if self.training else None
-
     def extra_repr(self) -> str:
         text = super().extra_repr()
         if self.eps_mode is not None:
@@ -310,35 +345,44 @@ class _SynchronizedBatchNorm(_BatchNorm):
     @classmethod
     def from_batchnorm(
         cls, module: _BatchNorm, process_group: dist.ProcessGroup | None = None
-    ) -> "_SynchronizedBatchNorm":
+    ) -> "SynchronizedBatchNormBase":
         """A layer of this class holding ``module``'s very parameters, buffers and flags."""
-        eps_mode = module.eps_mode if isinstance(module, _SynchronizedBatchNorm) else None
-        return _transfer(module, cls, process_group=process_group, eps_mode=eps_mode)
+        eps_mode = module.eps_mode if isinstance(module, SynchronizedBatchNormBase) else None
+        return transfer_batch_norm(module, cls, process_group=process_group, eps_mode=eps_mode)
 
 
-def _transfer(source: _BatchNorm, cls: type[nn.Module], **kwargs: Any) -> nn.Module:
+def _layer_reducer(name: str, group: Any) -> ProcessGroupReducer:
+    """A layer's process-group reducer; a bad ``process_group`` is named as the layer's."""
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"{name}: expected process_group to be a torch.distributed.ProcessGroup (for example "
+            f"from torch.distributed.new_group(ranks) or fsyncbn.sync_groups) or None for WORLD, "
+            f"got {type(group).__name__} {group!r}"
+        )
+    return ProcessGroupReducer(group, name=None)
+
+
+def transfer_batch_norm(source: _BatchNorm, cls: type[nn.Module], **kwargs: Any) -> nn.Module:
     """Build ``cls`` from ``source``'s hyper-parameters and hand it the same tensors.
 
     Parameters and buffers are shared, not copied (as torch's convert_sync_batchnorm), so
     dtype, device, requires_grad and every value are kept; so are the training flag and a
     qconfig.
     """
-    extra = {"bias": source.bias is not None} if _TORCH_HAS_BIAS and source.affine else {}
+    extra = {"bias": source.bias is not None} if TORCH_HAS_BIAS and source.affine else {}
     target = cls(
         source.num_features, source.eps, source.momentum, source.affine,
         source.track_running_stats, device="meta", **extra, **kwargs,
     )
     for name in ("weight", "bias"):
         setattr(target, name, getattr(source, name))
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
+    for name in STATE_KEYS:
         setattr(target, name, getattr(source, name))
     target.train(source.training)
     if hasattr(source, "qconfig"):
         target.qconfig = source.qconfig
     return target
-
-
-class SynchronizedBatchNorm1d(_SynchronizedBatchNorm):
+class SynchronizedBatchNorm1d(SynchronizedBatchNormBase):
     """nn.BatchNorm1d whose training statistics span all participants.
 
     Input ``(N, C)`` or ``(N, C, L)``. Arguments as nn.BatchNorm1d, plus keyword-only
@@ -357,7 +401,7 @@ class SynchronizedBatchNorm1d(_SynchronizedBatchNorm):
             raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
 
 
-class SynchronizedBatchNorm2d(_SynchronizedBatchNorm):
+class SynchronizedBatchNorm2d(SynchronizedBatchNormBase):
     """nn.BatchNorm2d whose training statistics span all participants.
 
     Input ``(N, C, H, W)``. Arguments as :class:`SynchronizedBatchNorm1d`.
@@ -374,7 +418,7 @@ class SynchronizedBatchNorm2d(_SynchronizedBatchNorm):
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 
 
-class SynchronizedBatchNorm3d(_SynchronizedBatchNorm):
+class SynchronizedBatchNorm3d(SynchronizedBatchNormBase):
     """nn.BatchNorm3d whose training statistics span all participants.
 
     Input ``(N, C, D, H, W)``. Arguments as :class:`SynchronizedBatchNorm1d`.
@@ -385,7 +429,7 @@ class SynchronizedBatchNorm3d(_SynchronizedBatchNorm):
             raise ValueError(f"expected 5D input (got {input.dim()}D input)")
 
 
-class SyncBatchNorm(_SynchronizedBatchNorm):
+class SyncBatchNorm(SynchronizedBatchNormBase):
     """Drop-in for torch.nn.SyncBatchNorm: same constructor, any input rank from 2 to 5.
 
     Unlike torch's, it also runs on CPU (gloo), syncs DataParallel replicas, sends O(C)

@@ -4,7 +4,7 @@
 existing or custom DataParallel) do the same two things each forward:
 
 1. after ``replicate``, :func:`execute_replication_callbacks` gives the k-th synchronized
-   batch-norm layer of every replica one fresh :class:`~fsyncbn.reducers.ReplicaGroup`;
+   batch-norm layer of every replica one fresh :class:`~fsyncbn.replicas.ReplicaGroup`;
 2. around ``parallel_apply``, each replica's forward reports when it returns or raises, so
    a replica waiting for one that will never come fails at once instead of at the timeout.
 
@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import nn
 
-from .modules import _SynchronizedBatchNorm
-from .reducers import ReplicaGroup, ReplicaMonitor
+from .modules import SynchronizedBatchNormBase
+from .replicas import ReplicaGroup, ReplicaMonitor
 
 __all__ = [
     "DEFAULT_SYNC_TIMEOUT_S",
@@ -40,7 +40,7 @@ class ReplicaRun:
     def __init__(self, replicas: Sequence[nn.Module], timeout: float) -> None:
         self.replicas = list(replicas)
         named = [
-            [(name, m) for name, m in r.named_modules() if isinstance(m, _SynchronizedBatchNorm)]
+            [(name, m) for name, m in r.named_modules() if isinstance(m, SynchronizedBatchNormBase)]
             for r in self.replicas
         ]
         self.monitor = ReplicaMonitor(len(self.replicas))
@@ -112,7 +112,7 @@ def execute_replication_callbacks(
         ValueError: the replicas do not hold the same synchronized layers.
     """
     counts = {
-        sum(isinstance(m, _SynchronizedBatchNorm) for m in r.modules()) for r in replicas
+        sum(isinstance(m, SynchronizedBatchNormBase) for m in r.modules()) for r in replicas
     }
     if len(counts) > 1:
         raise ValueError(

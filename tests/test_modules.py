@@ -95,7 +95,12 @@ def test_convert_sync_batchnorm_classmethod():
     ("kwargs", "exc", "message"),
     [
         ({"num_features": 0}, ValueError, r"SynchronizedBatchNorm2d: expected num_features > 0, got 0"),
-        ({"num_features": 2.5}, ValueError, r"SynchronizedBatchNorm2d: expected num_features > 0, got 2.5"),
+        ({"num_features": 2.5}, TypeError,
+         r"SynchronizedBatchNorm2d: expected num_features to be a positive int \(the number of channels "
+         r"C\), got float 2.5; pass int\(2.5\)"),
+        ({"num_features": "3"}, TypeError,
+         r"SynchronizedBatchNorm2d: expected num_features to be a positive int \(the number of channels "
+         r"C\), got str '3'"),
         ({"eps": -1.0}, ValueError, r"SynchronizedBatchNorm2d: expected eps >= 0, got -1.0"),
         (
             {"momentum": 2.0},
@@ -110,7 +115,9 @@ def test_convert_sync_batchnorm_classmethod():
         (
             {"process_group": "world"},
             TypeError,
-            r"ProcessGroupReducer: expected group to be a torch.distributed.ProcessGroup or None, got str",
+            r"SynchronizedBatchNorm2d: expected process_group to be a torch.distributed.ProcessGroup "
+            r"\(for example from torch.distributed.new_group\(ranks\) or fsyncbn.sync_groups\) or None "
+            r"for WORLD, got str 'world'",
         ),
     ],
 )
@@ -159,9 +166,9 @@ def test_forward_writes_buffers_only_from_the_returned_state_and_backward_still_
 
 def test_modules_pick_no_reducer_without_context():
     bn = SynchronizedBatchNorm2d(3)
-    assert bn._reducer() is None
+    assert bn._route().reducer is None
     bn.eval()
-    assert bn._reducer() is None
+    assert bn._route().reducer is None
 
 
 @pytest.mark.parametrize(

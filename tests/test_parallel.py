@@ -198,7 +198,7 @@ def test_a_failed_step_leaves_every_buffer_as_it_was_and_the_next_step_is_right(
 
 
 def test_replicas_sending_different_shapes_all_raise():
-    from fsyncbn.reducers import ReplicaGroup
+    from fsyncbn.replicas import ReplicaGroup
     from tests.threads import run_threads
 
     group = ReplicaGroup(3, "layer 'x'", timeout=5.0)
@@ -238,7 +238,7 @@ def test_module_is_detached_after_the_replicated_forward():
 
 
 def test_replica_sum_of_float16_happens_in_float32():
-    from fsyncbn.reducers import ReplicaGroup
+    from fsyncbn.replicas import ReplicaGroup
     from tests.threads import run_threads
 
     group = ReplicaGroup(2, "test layer", timeout=5.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fsyncbn._step_journal import StepJournal
+from fsyncbn.step_journal import StepJournal
 
 
 def _layers(n: int = 2) -> list[nn.BatchNorm1d]:

@@ -3,9 +3,26 @@
 Tensors and Python scalars in, tensors out: nothing here holds state, imports modules or
 knows about process groups. Synchronisation is a ``reducer`` argument, any callable that
 returns the element-wise sum of its argument over all participants.
+
+The rooms: :mod:`.ops` (the public ops and their router), :mod:`.state` (the state and its
+update rule), :mod:`.checks` (argument checks), :mod:`.moments` (statistics and their
+merge), :mod:`.normalize` (normalisation and the synchronised backward), :mod:`.kernels`
+(which torch kernel runs each step), :mod:`.agreement` (what participants must agree on),
+:mod:`.reducer` (the reducer contract).
 """
 
-from ._state import State, init_state
-from .batch_norm import EpsMode, Reducer, batch_norm, sync_batch_norm
+from .agreement import SynchronizationError
+from .ops import EpsMode, batch_norm, sync_batch_norm
+from .reducer import LocalReducer, Reducer
+from .state import State, init_state
 
-__all__ = ["EpsMode", "Reducer", "State", "batch_norm", "init_state", "sync_batch_norm"]
+__all__ = [
+    "EpsMode",
+    "LocalReducer",
+    "Reducer",
+    "State",
+    "SynchronizationError",
+    "batch_norm",
+    "init_state",
+    "sync_batch_norm",
+]

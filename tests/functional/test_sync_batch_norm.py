@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fsyncbn.functional import batch_norm, init_state, sync_batch_norm
+from fsyncbn.functional import SynchronizationError, batch_norm, init_state, sync_batch_norm
 from tests.reference import float64_moments, informative_grad, torch_batch_norm
 from tests.threads import ThreadGroup, raise_first, run_threads
 
@@ -169,7 +169,7 @@ def test_disagreeing_channel_counts_are_caught_by_the_header():
         return sync_batch_norm(torch.randn(4, c), init_state(c), reducer=group.reducer(rank))
 
     for rank, r in enumerate(run_threads(3, participant)):
-        assert isinstance(r, ValueError), r
+        assert isinstance(r, SynchronizationError), r
         assert f"sync_batch_norm: participants disagree on the number of channels: this one " \
                f"has {channels[rank]}" in str(r)
 

@@ -1,27 +1,21 @@
-"""The public batch-norm ops: pure functions with explicit state."""
+"""The public batch-norm ops (pure functions with explicit state) and the one router behind
+them: eval, torch's native local kernel, or synchronised training."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Literal
 
-import torch
 from torch import Tensor
 
-from ._checks import check_arguments, check_local_batch_size
-from ._moments import global_moments, stats_dtype
-from ._normalize import SyncNormalize, normalization_terms, normalize
-from ._state import State, next_state, update_factor
+from . import kernels
+from .checks import check_arguments, check_local_batch_size
+from .moments import global_moments, stats_dtype
+from .normalize import SyncNormalize, normalization_terms, normalize
+from .reducer import LOCAL_REDUCER, Reducer
+from .state import State, next_state, update_factor, write_state
 
 EpsMode = Literal["plus", "clamp"]
-Reducer = Callable[[Tensor], Tensor]
-
-_native_training = torch.ops.aten._native_batch_norm_legit_functional
-_native_training_no_stats = torch.ops.aten._native_batch_norm_legit.no_stats
-
-
-def _identity(t: Tensor) -> Tensor:
-    return t
 
 
 def batch_norm(
@@ -72,12 +66,14 @@ def batch_norm(
         dict with the same keys and dtypes as ``state`` (None when ``state`` is None).
 
     Raises:
-        TypeError: input not a floating tensor, reducer not callable, wrong argument types.
+        TypeError: input not a floating tensor, reducer not a callable instance, wrong
+            argument types.
         ValueError: fewer than 2 dims; channel count differing from the state, weight or
             bias; state missing a key; momentum outside [0, 1]; eps < 0; unknown eps_mode;
-            training with one value per channel over all participants; participants that
-            disagree on the channel count (these two are detected after the sum; see
-            :func:`sync_batch_norm`).
+            training with one value per channel over all participants (detected after the
+            sum; see :func:`sync_batch_norm`).
+        SynchronizationError: participants that disagree on the channel count, or whatever
+            the reducer raises when participants fail to meet.
 
     Example:
         >>> import torch
@@ -90,8 +86,9 @@ def batch_norm(
         >>> torch.allclose(y, ref, atol=1e-6)
         True
     """
-    return _batch_norm(
-        "batch_norm", input, state, weight, bias, training, momentum, eps, reducer, eps_mode
+    return run_batch_norm(
+        "batch_norm", input, state, weight, bias, training=training, momentum=momentum, eps=eps,
+        reducer=reducer, eps_mode=eps_mode,
     )
 
 
@@ -122,14 +119,16 @@ def sync_batch_norm(
     the outputs are empty and the running statistics stay as they were
     (``num_batches_tracked`` still counts the step, as nn.BatchNorm does).
 
-    Global checks ride in the header: participants that disagree on C, and training with a
-    single value per channel in total, raise ValueError in every participant. On eager CPU
-    tensors the header is read on the host; under torch.compile or on an accelerator the
-    check is ``torch._assert_async`` (no host sync, no graph break), which fails later and
-    less legibly.
+    Global checks ride in the header: participants that disagree on C raise
+    :class:`~fsyncbn.SynchronizationError`, and training with a single value per channel in
+    total raises ValueError, in every participant. On eager CPU tensors the header is read on
+    the host; under torch.compile or on an accelerator the check is ``torch._assert_async``
+    (no host sync, no graph break), which fails later and less legibly.
 
-    Numerics: see ``fsyncbn.functional._moments`` (float64 merge of local moments; stable
-    for |mean| >> std).
+    Numerics: see :mod:`fsyncbn.functional.moments` (two-pass local moments merged as
+    float64 sums; stable for |mean| >> std). In ``eps_mode="clamp"`` a channel whose
+    variance is below eps is divided by the constant sqrt(eps), so its input gradient is
+    ``weight * (dy - mean(dy)) / sqrt(eps)``.
 
     Args:
         input: ``(N, C, *)``, this participant's slice; N may be 0.
@@ -150,6 +149,7 @@ def sync_batch_norm(
     Raises:
         TypeError: ``reducer`` missing or not callable, and as :func:`batch_norm`.
         ValueError: as :func:`batch_norm`.
+        SynchronizationError: as :func:`batch_norm`.
 
     Example:
         >>> import torch
@@ -165,71 +165,98 @@ def sync_batch_norm(
             "sync_batch_norm: expected a reducer (a callable reducer(t) -> sum of t over all "
             "participants, e.g. fsyncbn.reducers.ProcessGroupReducer()), got None"
         )
-    return _batch_norm(
-        "sync_batch_norm", input, state, weight, bias, training, momentum, eps, reducer, eps_mode
+    return run_batch_norm(
+        "sync_batch_norm", input, state, weight, bias, training=training, momentum=momentum,
+        eps=eps, reducer=reducer, eps_mode=eps_mode,
     )
 
 
-def _batch_norm(
+def serves_natively(
+    input: Tensor, training: bool, reducer: Reducer | None, eps_mode: str
+) -> bool:
+    """Whether torch's native local training kernel computes exactly what the op asks: the one
+    place this is decided. Clamp mode and empty batches take the synchronised path with the
+    local reducer instead."""
+    return training and reducer is None and eps_mode == "plus" and input.numel() > 0
+
+
+def run_batch_norm(
     fn: str,
     input: Tensor,
     state: Mapping[str, Tensor] | None,
     weight: Tensor | None,
     bias: Tensor | None,
+    *,
     training: bool,
     momentum: float | None,
     eps: float,
     reducer: Reducer | None,
     eps_mode: str,
+    in_place: bool = False,
 ) -> tuple[Tensor, State | None]:
-    """Check the arguments, then route to inference, native local training, or synchronised
-    training."""
+    """Check the arguments, then route to inference, native local training or synchronised
+    training.
+
+    ``in_place`` (for a layer whose buffers are ``state``): write the new statistics into
+    ``state``'s tensors and return ``state`` itself, where the public ops return a new dict
+    and leave their arguments alone. The native kernel then updates them in the same pass,
+    as nn.BatchNorm does.
+    """
     check_arguments(
         fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
         eps_mode=eps_mode, reducer=reducer,
     )
     if state is not None and not training:
-        var, norm_eps = normalization_terms(state["running_var"], eps, eps_mode)
-        return normalize(input, weight, bias, state["running_mean"], var, norm_eps), dict(state)
+        terms = normalization_terms(state["running_var"], eps, eps_mode)
+        output = normalize(input, weight, bias, state["running_mean"], terms.var, terms.eps)
+        return output, state if in_place else dict(state)
     if reducer is None:
         check_local_batch_size(fn, input)
-        if eps_mode == "plus" and input.numel() > 0:
-            return _local_training(input, state, weight, bias, momentum, eps)
-        reducer = _identity  # clamp mode and empty batches share the synchronised path
-    return _synchronized_training(fn, input, state, weight, bias, momentum, eps, reducer, eps_mode)
+    if serves_natively(input, training, reducer, eps_mode):
+        output, new_state = _train_natively(input, state, weight, bias, momentum, eps, in_place)
+    else:
+        output, new_state = _train_synchronized(
+            fn, input, state, weight, bias, momentum, eps, reducer or LOCAL_REDUCER, eps_mode
+        )
+    if in_place and new_state is not None and new_state is not state:
+        write_state(state, new_state)
+        return output, state
+    return output, new_state
 
 
-def _local_training(
+def _train_natively(
     input: Tensor,
     state: Mapping[str, Tensor] | None,
     weight: Tensor | None,
     bias: Tensor | None,
     momentum: float | None,
     eps: float,
+    in_place: bool,
 ) -> tuple[Tensor, State | None]:
     """Training without synchronisation: torch's native kernel, bit for bit."""
     if state is None:
-        return _native_training_no_stats(input, weight, bias, True, 0.0, eps)[0], None
-    # Autograd saves the running-stat arguments: clones keep the caller free to overwrite
-    # its own tensors (as a module does with its buffers) before backward.
-    native_momentum = 1.0 if momentum is None else momentum
-    output, _, _, mean, var = _native_training(
-        input, weight, bias, state["running_mean"].clone(), state["running_var"].clone(),
-        True, native_momentum, eps,
-    )
+        return kernels.train_locally(input, weight, bias, None, None, 0.0, eps, in_place=False)[0], None
     if momentum is not None:
-        new_state = {
-            "running_mean": mean,
-            "running_var": var,
-            "num_batches_tracked": state["num_batches_tracked"] + 1,
-        }
-        return output, new_state
-    # With momentum 1 the native op returned the batch's mean and unbiased variance.
+        output, mean, var = kernels.train_locally(
+            input, weight, bias, state["running_mean"], state["running_var"], momentum, eps,
+            in_place=in_place,
+        )
+        if in_place:
+            state["num_batches_tracked"].add_(1)
+            return output, state
+        return output, {"running_mean": mean, "running_var": var,
+                        "num_batches_tracked": state["num_batches_tracked"] + 1}
+    # momentum=None: with momentum 1 the kernel returns the batch's mean and unbiased
+    # variance, which the cumulative average then blends in.
+    output, mean, var = kernels.train_locally(
+        input, weight, bias, state["running_mean"], state["running_var"], 1.0, eps,
+        in_place=False,
+    )
     factor = update_factor(state, None, stats_dtype(input))
     return output, next_state(state, mean, var, factor)
 
 
-def _synchronized_training(
+def _train_synchronized(
     fn: str,
     input: Tensor,
     state: Mapping[str, Tensor] | None,
@@ -242,16 +269,16 @@ def _synchronized_training(
 ) -> tuple[Tensor, State | None]:
     """Training with statistics summed over all participants (one sum forward, one backward)."""
     moments = global_moments(fn, input, reducer, training=True)
-    var, norm_eps = normalization_terms(moments.var, eps, eps_mode)
+    terms = normalization_terms(moments.var, eps, eps_mode)
     output = SyncNormalize.apply(
-        input, weight, bias, moments.mean, var, norm_eps, moments.count, reducer
+        input, weight, bias, moments.mean, terms.var, terms.eps, terms.var_follows_batch,
+        moments.count, reducer,
     )
     if state is None:
         return output, None
     dtype = stats_dtype(input)
     # A batch that is empty on every participant must leave the running stats as they were:
     # scale the factor by min(count, 1) rather than branch on data.
-    count = moments.count
-    took_part = count.clamp(max=1).to(dtype) if isinstance(count, Tensor) else min(count, 1.0)
+    took_part = kernels.as_dtype(kernels.at_most(moments.count, 1.0), dtype)
     factor = update_factor(state, momentum, dtype) * took_part
     return output, next_state(state, moments.mean, moments.var_unbiased, factor)

@@ -12,7 +12,8 @@ from numbers import Real
 import torch
 from torch import Tensor
 
-STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+from .state import STATE_KEYS
+
 EPS_MODES = ("plus", "clamp")
 
 
@@ -79,6 +80,11 @@ def check_arguments(
         raise TypeError(f"{fn}: expected a floating-point input, got dtype {input.dtype}")
     if not isinstance(training, bool):
         raise TypeError(f"{fn}: expected training to be a bool, got {training!r}")
+    if isinstance(reducer, type):
+        raise TypeError(
+            f"{fn}: expected reducer to be a reducer instance, got the class {reducer.__name__}; "
+            f"pass {reducer.__name__}() instead"
+        )
     if reducer is not None and not callable(reducer):
         raise TypeError(
             f"{fn}: expected reducer to be a callable reducer(t) -> sum of t over all "

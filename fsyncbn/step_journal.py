@@ -10,6 +10,9 @@ Where a step begins: the first synchronized layer of a step (its *opener*) start
 step when it runs again after the step's backward has begun, or after its output has been
 freed unused (a forward without backward). Several forwards before one backward (two views of
 a batch, a GAN's generator and discriminator) are therefore one step.
+
+A journal serves one (process group, thread) pair (:func:`journal_for`): models trained in
+different threads, or over different process groups, never roll back each other's writes.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+from .functional.state import STATE_KEYS
+
+__all__ = ["StepJournal", "journal_for", "roll_back_thread"]
 
 
 class StepJournal:
@@ -63,7 +68,7 @@ class StepJournal:
                 with torch.no_grad():
                     saved = {
                         name: getattr(layer, name).clone()
-                        for name in _BUFFERS
+                        for name in STATE_KEYS
                         if getattr(layer, name, None) is not None
                     }
                 self._saved[id(layer)] = (weakref.ref(layer), saved)
@@ -101,3 +106,30 @@ class StepJournal:
             self._opener = None
             self._opener_output = None
             self._step += 1
+
+
+# One journal per (process group, thread): groups are weak keys, threads a threading.local.
+_journals: weakref.WeakKeyDictionary[object, threading.local] = weakref.WeakKeyDictionary()
+_journals_lock = threading.Lock()
+
+
+def journal_for(group: object) -> StepJournal:
+    """The journal of ``group`` (a process group) in the calling thread."""
+    with _journals_lock:
+        per_thread = _journals.get(group)
+        if per_thread is None:
+            per_thread = _journals[group] = threading.local()
+    journal = getattr(per_thread, "journal", None)
+    if journal is None:
+        journal = per_thread.journal = StepJournal()
+    return journal
+
+
+def roll_back_thread() -> None:
+    """Roll back the current step of every process group's journal in the calling thread."""
+    with _journals_lock:
+        per_threads = list(_journals.values())
+    for per_thread in per_threads:
+        journal = getattr(per_thread, "journal", None)
+        if journal is not None:
+            journal.roll_back()

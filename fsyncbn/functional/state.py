@@ -1,4 +1,4 @@
-"""The explicit batch-norm state: creating it and computing its next value."""
+"""The explicit batch-norm state: its keys, creating it, and computing its next value."""
 
 from __future__ import annotations
 
@@ -8,6 +8,21 @@ import torch
 from torch import Tensor
 
 State = dict[str, Tensor]
+
+# nn.BatchNorm's buffer names, so that state_dict() and torch.func.functional_call line up.
+STATE_KEYS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def check_num_features(fn: str, num_features: object) -> None:
+    """Raise unless ``num_features`` is a positive int (not a bool, not a float)."""
+    if isinstance(num_features, bool) or not isinstance(num_features, int):
+        raise TypeError(
+            f"{fn}: expected num_features to be a positive int (the number of channels C), "
+            f"got {type(num_features).__name__} {num_features!r}"
+            + (f"; pass int({num_features!r})" if isinstance(num_features, float) else "")
+        )
+    if num_features <= 0:
+        raise ValueError(f"{fn}: expected num_features > 0, got {num_features!r}")
 
 
 def init_state(
@@ -25,8 +40,8 @@ def init_state(
         ``num_batches_tracked`` a 0-dim int64 tensor, as ``nn.BatchNorm2d(C).state_dict()``.
 
     Raises:
-        ValueError: ``num_features`` is not a positive integer.
-        TypeError: ``dtype`` is not a floating dtype.
+        TypeError: ``num_features`` is not an int, or ``dtype`` is not a floating dtype.
+        ValueError: ``num_features`` is not positive.
 
     Example:
         >>> state = init_state(3)
@@ -35,8 +50,7 @@ def init_state(
         >>> state["running_var"]
         tensor([1., 1., 1.])
     """
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-        raise ValueError(f"init_state: expected num_features > 0, got {num_features!r}")
+    check_num_features("init_state", num_features)
     if dtype is not None and not dtype.is_floating_point:
         raise TypeError(f"init_state: expected a floating dtype, got {dtype}")
     return {
@@ -51,8 +65,9 @@ def update_factor(
 ) -> float | Tensor:
     """The weight of this batch in the running stats: momentum, or 1/(t+1) when None.
 
-    The cumulative average stays a tensor (no ``.item()``, unlike nn.BatchNorm) so that it
-    traces without a graph break.
+    The one home of torch's rule ``new = (1 - momentum) * old + momentum * batch``. The
+    cumulative average stays a tensor (no ``.item()``, unlike nn.BatchNorm) so that it traces
+    without a graph break.
     """
     if momentum is not None:
         return float(momentum)
@@ -74,3 +89,10 @@ def next_state(
         "running_var": blend(state["running_var"], batch_var_unbiased),
         "num_batches_tracked": state["num_batches_tracked"] + 1,
     }
+
+
+def write_state(destination: Mapping[str, Tensor], new_state: Mapping[str, Tensor]) -> None:
+    """Copy ``new_state`` into the tensors of ``destination`` (a layer's buffers)."""
+    with torch.no_grad():
+        for key in STATE_KEYS:
+            destination[key].copy_(new_state[key])

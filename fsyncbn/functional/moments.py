@@ -1,0 +1,147 @@
+"""Per-channel statistics: local moments, the packed message, and the merge after the sum.
+
+Numerics. Each participant computes its own mean m_i and biased variance v_i = M2_i / n_i
+(M2_i: the sum of squared deviations) in the statistics dtype, in two passes (a mean, then a
+mean of squared deviations; see :func:`.kernels.channel_moments` for the kernel), which stays
+stable on offset data. They travel as float64 sums ``n_i * m_i`` and ``M2_i + n_i * m_i**2``
+so that ONE element-wise sum over the participants merges them; the global
+``M2 = S2 - S1 * mean`` then equals ``sum M2_i + sum n_i (m_i - mean)**2`` up to float64
+rounding. Float32 data with |mean| / std ~ 1e4 keeps ~8 significant digits of the variance
+this way, where the float32 formula E[x^2] - E[x]^2 keeps none.
+
+The message is ``[1, C, C*C, n, n*m (C values), M2 + n*m^2 (C values)]``: the agreement
+header of C (see :mod:`.agreement`) and the count, summed like the rest, tell every
+participant whether they all had the same channel count and the global count, at no extra
+round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .agreement import HEADER_SIZE, SynchronizationError, agreement_header, disagreement
+from .checks import shape_str, values_per_channel
+
+# The agreement header of C, then the global count.
+MESSAGE_HEADER_SIZE = HEADER_SIZE + 1
+
+
+class GlobalMoments(NamedTuple):
+    """Statistics over all participants, in the statistics dtype."""
+
+    mean: Tensor  # (C,)
+    var: Tensor  # (C,) biased, normalises the batch
+    var_unbiased: Tensor  # (C,) for the running variance
+    # Values per channel over all participants: a Python number where the header was read
+    # on the host (eager CPU), else a 0-dim float64 tensor.
+    count: Tensor | float
+
+
+def stats_dtype(input: Tensor) -> torch.dtype:
+    """float64 statistics for float64 input, float32 for everything else (fp16/bf16 too)."""
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def pack_moments(input: Tensor) -> Tensor:
+    """This participant's float64 message ``[1, C, C*C, n, n*m, M2 + n*m^2]``.
+
+    An empty batch sends zeros for its sums (decided from the shape, never from data).
+    """
+    channels = input.shape[1]
+    count = values_per_channel(input)
+    message = kernels.new_message(
+        (*agreement_header(channels), count), MESSAGE_HEADER_SIZE + 2 * channels, input.device
+    )
+    sums = message[MESSAGE_HEADER_SIZE:]
+    if count == 0:
+        sums.zero_()
+        return message
+    # float16/bfloat16: statistics in float32, never accumulated in the input dtype.
+    mean, var = kernels.channel_moments(input.to(stats_dtype(input)))
+    sum_mean, sum_second = sums.view(2, channels).unbind()
+    sum_mean.copy_(mean)
+    sum_second.copy_(var)
+    # M2 + n*m^2 = n * (var + m^2), all in float64.
+    sum_second.addcmul_(sum_mean, sum_mean)
+    sums.mul_(count)
+    return message
+
+
+def check_header(fn: str, total: Tensor, input: Tensor, training: bool) -> Tensor | float:
+    """Raise if the participants disagree on C, or if training sees one value per channel.
+
+    Read on the host where :func:`.kernels.reads_on_host` allows (a clear error in every
+    participant); elsewhere an asynchronous device assert.
+
+    Returns:
+        The global count of values per channel: a Python number where the header was read
+        on the host, else a 0-dim tensor.
+
+    Raises:
+        SynchronizationError: the participants disagree on the number of channels.
+        ValueError: training with one value per channel over all participants.
+    """
+    channels = input.shape[1]
+    if kernels.reads_on_host(total):
+        *channel_header, count = total[:MESSAGE_HEADER_SIZE].tolist()
+        average = disagreement(channel_header, channels)
+        if average is not None:
+            raise SynchronizationError(
+                f"{fn}: participants disagree on the number of channels: this one has "
+                f"{channels} (input shape {shape_str(input.shape)}), the {channel_header[0]:g} "
+                f"participants average {average:g}; every participant must give this layer "
+                "the same number of channels"
+            )
+        if training and count == 1:
+            raise ValueError(
+                f"{fn}: expected more than 1 value per channel when training, got 1 over all "
+                f"{channel_header[0]:g} participants (input shape here "
+                f"{shape_str(input.shape)}); use a larger batch"
+            )
+        return count
+    participants, sum_c, sum_c2, count = total[:MESSAGE_HEADER_SIZE].unbind()
+    same_channels = (sum_c == participants * channels) & (
+        sum_c2 == participants * channels * channels
+    )
+    kernels.assert_on_device(
+        same_channels, f"{fn}: participants disagree on the number of channels"
+    )
+    if training:
+        kernels.assert_on_device(
+            count != 1, f"{fn}: expected more than 1 value per channel when training"
+        )
+    return count
+
+
+def merge_moments(total: Tensor, count: Tensor | float, dtype: torch.dtype) -> GlobalMoments:
+    """Global mean and variances from the summed message (float64 math, ``dtype`` results).
+
+    ``count`` is the global count :func:`check_header` returned.
+    """
+    sum_weighted_mean, sum_second = total[MESSAGE_HEADER_SIZE:].chunk(2)
+    mean = sum_weighted_mean / kernels.at_least(count, 1.0)
+    m2 = (sum_second - sum_weighted_mean * mean).clamp_(min=0)
+    var = m2 / kernels.at_least(count, 1.0)
+    var_unbiased = m2 / kernels.at_least(count - 1, 1.0)
+    return GlobalMoments(mean.to(dtype), var.to(dtype), var_unbiased.to(dtype), count)
+
+
+def global_moments(
+    fn: str, input: Tensor, reducer: Callable[[Tensor], Tensor], training: bool
+) -> GlobalMoments:
+    """Moments of the batch spread over all participants: one call of ``reducer``, O(C)."""
+    message = pack_moments(input.detach())
+    total = reducer(message)
+    if not isinstance(total, torch.Tensor) or total.shape != message.shape:
+        got = shape_str(total.shape) if isinstance(total, torch.Tensor) else type(total).__name__
+        raise ValueError(
+            f"{fn}: the reducer must return a tensor shaped like its argument "
+            f"{shape_str(message.shape)}, got {got}"
+        )
+    global_count = check_header(fn, total, input, training)
+    return merge_moments(total, global_count, stats_dtype(input))
