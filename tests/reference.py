@@ -61,3 +61,31 @@ def float64_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     n = x64.shape[1]
     m2 = (centered * centered).sum(1)
     return mean, m2 / n, m2 / (n - 1)
+
+
+def float64_training_batch_norm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, *, eps: float, eps_mode: str
+) -> Tensor:
+    """Training batch norm written out in differentiable float64 ops on the whole batch:
+    ``(x - mean) / sqrt(var + eps)`` ("plus") or ``/ sqrt(max(var, eps))`` ("clamp", the original
+    Synchronized-BatchNorm-PyTorch, whose gradient flows through the clamp)."""
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean = x.mean(dims, keepdim=True)
+    var = (x - mean).square().mean(dims, keepdim=True)
+    denom = torch.sqrt(var + eps) if eps_mode == "plus" else torch.sqrt(var.clamp(min=eps))
+    y = (x - mean) / denom
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y
+
+
+def nearly_constant_channel(shape: tuple[int, ...], channel: int = 1, seed: int = 3) -> Tensor:
+    """float64 data in which ``channel`` is 1 + 1e-4 * noise: its variance (~1e-8) is far below
+    a typical eps, so eps_mode "clamp" normalises it by the constant sqrt(eps)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    x[:, channel] = 1 + 1e-4 * x[:, channel]
+    return x

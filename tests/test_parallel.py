@@ -19,7 +19,7 @@ from fsyncbn import (
 )
 from tests.faultlog import record_fault
 from tests.models import SharedBN, TinyResNet
-from tests.reference import informative_grad
+from tests.reference import float64_training_batch_norm, informative_grad, nearly_constant_channel
 from tests.replicas import replicate, run_replicas
 from tests.threads import raise_first
 
@@ -61,6 +61,30 @@ def test_replicas_equal_one_model_on_the_whole_batch(splits):
     # The first replica's buffers are the module's: they hold the global running stats.
     for name, b_ref in ref.named_buffers():
         torch.testing.assert_close(dict(model.named_buffers())[name], b_ref, rtol=1e-9, atol=1e-9)
+
+
+def test_replicas_in_clamp_mode_equal_the_float64_formula():
+    """eps_mode="clamp" with a nearly constant channel: outputs and input gradients of the
+    replicas equal the float64 formula differentiated through the clamp, on the whole batch."""
+    splits = [3, 0, 4]
+    x = nearly_constant_channel((7, 3, 5))
+    g = informative_grad(x.shape, x.dtype)
+    bn = SynchronizedBatchNorm1d(3, eps_mode="clamp").double()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+    xr, wr = x.clone().requires_grad_(), bn.weight.detach().clone().requires_grad_()
+    y_ref = float64_training_batch_norm(xr, wr, bn.bias.detach(), eps=bn.eps, eps_mode="clamp")
+    (y_ref * g).sum().backward()
+    xs = [part.clone().requires_grad_() for part in x.split(splits)]
+    gs = g.split(splits)
+
+    def backward(i, out):
+        (out * gs[i]).sum().backward()
+        return out.detach()
+
+    outs = raise_first(run_replicas(replicate(bn, len(splits)), xs, backward))
+    torch.testing.assert_close(torch.cat(outs), y_ref.detach(), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(torch.cat([xi.grad for xi in xs]), xr.grad, rtol=1e-7, atol=1e-7)
 
 
 def test_layer_called_twice_per_forward():

@@ -116,3 +116,80 @@ def test_layers_that_are_gone_are_skipped():
     del b
     journal.roll_back()
     _assert_buffers([a], before)
+
+
+def test_journals_are_per_process_group_and_thread():
+    import threading
+
+    from fsyncbn.step_journal import journal_for
+
+    group_a, group_b = object.__new__(type("G", (), {})), object.__new__(type("G", (), {}))
+    here = journal_for(group_a)
+    assert journal_for(group_a) is here and journal_for(group_b) is not here
+    elsewhere = []
+    thread = threading.Thread(target=lambda: elsewhere.append(journal_for(group_a)))
+    thread.start()
+    thread.join()
+    assert elsewhere[0] is not here
+
+
+def _two_models_in_two_threads(rank, world_size):
+    """Each thread trains its own model over its own process group; thread B fails mid-step
+    and rolls back. Thread A's writes of its own step must survive."""
+    import threading
+
+    import torch.distributed as dist
+
+    from fsyncbn import SynchronizedBatchNorm1d, convert_model, roll_back_step
+
+    groups = [dist.new_group([0, 1]), dist.new_group([0, 1])]
+    models = [convert_model(nn.Sequential(nn.BatchNorm1d(3), nn.Linear(3, 3), nn.BatchNorm1d(3)),
+                            process_group=g) for g in groups]
+    assert all(isinstance(m[0], SynchronizedBatchNorm1d) for m in models)
+    a_wrote, b_rolled_back = threading.Event(), threading.Event()
+    outcome = {}
+
+    def thread_a():
+        model = models[0]
+        y = model(torch.randn(4, 3))
+        (y * torch.randn_like(y)).sum().backward()  # step 1
+        h = model[0](torch.randn(4, 3, requires_grad=True))  # step 2 writes layer 0
+        after_write = _buffers([model[0]])
+        a_wrote.set()
+        assert b_rolled_back.wait(30)
+        outcome["a"] = (after_write, _buffers([model[0]]))
+        y = model[2](model[1](h))
+        (y * torch.randn_like(y)).sum().backward()
+
+    def thread_b():
+        model = models[1]
+        y = model(torch.randn(4, 3))
+        (y * torch.randn_like(y)).sum().backward()
+        assert a_wrote.wait(30)
+        before = _buffers([model[0]])
+        model[0](torch.randn(4, 3, requires_grad=True))
+        roll_back_step()  # this thread's own code failed mid-step
+        outcome["b"] = (before, _buffers([model[0]]))
+        b_rolled_back.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    after_write, after_b_rolled_back = outcome["a"]
+    _assert_buffers_equal(after_b_rolled_back, after_write)  # A kept its step
+    before, after = outcome["b"]
+    _assert_buffers_equal(after, before)  # B undid its own
+
+
+def _assert_buffers_equal(actual, expected) -> None:
+    for got, wanted in zip(actual, expected, strict=True):
+        for key in wanted:
+            assert torch.equal(got[key], wanted[key]), key
+
+
+def test_a_failure_in_one_thread_keeps_another_threads_step():
+    from tests.distributed import spawn
+
+    spawn(2, _two_models_in_two_threads)

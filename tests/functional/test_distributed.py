@@ -9,7 +9,12 @@ import torch.distributed as dist
 from fsyncbn.functional import init_state, sync_batch_norm
 from fsyncbn.reducers import ProcessGroupReducer
 from tests.distributed import spawn
-from tests.reference import informative_grad, torch_batch_norm
+from tests.reference import (
+    float64_training_batch_norm,
+    informative_grad,
+    nearly_constant_channel,
+    torch_batch_norm,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -75,6 +80,22 @@ def _global_errors(rank, world_size):
     torch.testing.assert_close(total, torch.full((3,), 3.0))
     (total * (rank + 1)).sum().backward()
     torch.testing.assert_close(t.grad, torch.full((3,), 3.0))
+    # eps_mode="clamp", sharded over the ranks: the float64 formula differentiated through the
+    # clamp, on the whole batch, with a nearly constant channel.
+    x = nearly_constant_channel((7, 3, 2))
+    w, g = torch.rand(3, dtype=torch.float64) + 0.5, informative_grad((7, 3, 2), torch.float64)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y_ref = float64_training_batch_norm(xr, wr, None, eps=1e-5, eps_mode="clamp")
+    (y_ref * g).sum().backward()
+    splits = [4, 3]
+    xi, wi = x.split(splits)[rank].clone().requires_grad_(), w.clone().requires_grad_()
+    y, _ = sync_batch_norm(xi, None, wi, reducer=ProcessGroupReducer(), eps_mode="clamp")
+    (y * g.split(splits)[rank]).sum().backward()
+    torch.testing.assert_close(y, y_ref.detach().split(splits)[rank], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(xi.grad, xr.grad.split(splits)[rank], rtol=1e-7, atol=1e-7)
+    dw = wi.grad.clone()
+    dist.all_reduce(dw)
+    torch.testing.assert_close(dw, wr.grad, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.slow
