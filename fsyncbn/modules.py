@@ -157,6 +157,9 @@ class _Route(NamedTuple):
     journal: StepJournal | None
 
 
+_LOCAL_ROUTE = _Route(None, True, None)
+
+
 class _JournaledReducer:
     """The process-group reducer of one layer call: a failure, also in backward (which may
     run on another thread), rolls back the step of the journal the forward used, and names
@@ -183,7 +186,7 @@ class SynchronizedBatchNormBase(_BatchNorm):
     # what only Python needs stays out of the script.
     eps_mode: Optional[str]  # noqa: UP045 - TorchScript reads this annotation
     __jit_unused_properties__ = ["process_group"]
-    __jit_ignored_attributes__ = ["_process_group_reducer", "_replica", "_staged_state"]
+    __jit_ignored_attributes__ = ["_process_group_reducer", "_replica", "_staged_state", "_validated"]
 
     def __init__(
         self,
@@ -212,6 +215,7 @@ class SynchronizedBatchNormBase(_BatchNorm):
         self._process_group_reducer = _layer_reducer(name, process_group)
         self._replica: tuple[ReplicaGroup, int] | None = None
         self._staged_state: State | None = None
+        self._validated: tuple | None = None  # the configuration the last forward checked
 
     @property
     def process_group(self) -> dist.ProcessGroup | None:
@@ -250,6 +254,14 @@ class SynchronizedBatchNormBase(_BatchNorm):
         """The one path: route, then buffers -> functional op -> commit."""
         route = self._route()
         state = self._state()
+        eps_mode = self.eps_mode or _default_eps_mode
+        # The argument checks depend only on this configuration: validated once, not per call.
+        configuration = (
+            input.dim(), input.shape[1] if input.dim() > 1 else 0, input.dtype, self.training,
+            self.momentum, self.eps, eps_mode, route.reducer is None, id(self.weight), id(self.bias),
+            *(id(t) for t in (state or {}).values()),
+        )
+        checked = configuration == self._validated
         if route.journal is not None:
             route.journal.layer_starts(self)
             if state is not None:
@@ -257,9 +269,11 @@ class SynchronizedBatchNormBase(_BatchNorm):
         try:
             output, new_state = run_batch_norm(
                 "batch_norm", input, state, self.weight, self.bias, training=self.training,
-                momentum=self.momentum, eps=self.eps, reducer=route.reducer,
-                eps_mode=self.eps_mode or _default_eps_mode, in_place=route.in_place,
+                momentum=self.momentum, eps=self.eps, reducer=route.reducer, eps_mode=eps_mode,
+                in_place=route.in_place, checked=checked,
             )
+            if not checked:
+                self._validated = configuration
         except BaseException as exc:
             if route.journal is not None:
                 route.journal.roll_back()
@@ -277,7 +291,7 @@ class SynchronizedBatchNormBase(_BatchNorm):
     def _route(self) -> _Route:
         """Pick the reducer and commit policy of this forward (see the module docstring)."""
         if not self.training:
-            return _Route(None, True, None)
+            return _LOCAL_ROUTE
         if self._replica is not None:
             group, replica = self._replica
             return _Route(group.reducer(replica), False, None)
@@ -288,7 +302,7 @@ class SynchronizedBatchNormBase(_BatchNorm):
                     return _Route(self._process_group_reducer, True, None)
                 journal = journal_for(group if group is not None else dist.group.WORLD)
                 return _Route(_JournaledReducer(self, journal), True, journal)
-        return _Route(None, True, None)
+        return _LOCAL_ROUTE
 
     @torch.jit.unused
     def _state(self) -> State | None:
@@ -299,7 +313,8 @@ class SynchronizedBatchNormBase(_BatchNorm):
         # (not yet written) state.
         if self._staged_state is not None:
             return self._staged_state
-        return {key: getattr(self, key) for key in STATE_KEYS}
+        buffers = self._buffers
+        return {key: buffers[key] for key in STATE_KEYS}
 
     @torch.jit.unused
     def _labelled(self, exc: BaseException) -> BaseException:

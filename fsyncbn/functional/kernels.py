@@ -43,11 +43,12 @@ def at_least(value: Tensor | float, floor: float) -> Tensor | float:
     return max(value, floor)
 
 
-def at_most(value: Tensor | float, ceiling: float) -> Tensor | float:
-    """``min(value, ceiling)`` for a host number or a 0-dim tensor."""
-    if isinstance(value, Tensor):
-        return value.clamp(max=ceiling)
-    return min(value, ceiling)
+def participation(count: Tensor | float, dtype: torch.dtype) -> Tensor | float | None:
+    """``min(count, 1)`` of a global count: 0 when every participant was empty. None for a
+    host count of at least 1 (nothing to scale)."""
+    if isinstance(count, Tensor):
+        return count.clamp(max=1).to(dtype)
+    return None if count >= 1 else 0.0
 
 
 def as_dtype(value: Tensor | float, dtype: torch.dtype) -> Tensor | float:
@@ -130,17 +131,21 @@ def _(input: Tensor) -> tuple[Tensor, Tensor]:
     return input.new_empty(input.shape[1]), input.new_empty(input.shape[1])
 
 
-def new_message(header: tuple[float, ...], size: int, device: torch.device) -> Tensor:
-    """A float64 message of ``size`` numbers whose first ones are ``header``; the rest unset."""
-    message = torch.empty(size, dtype=torch.float64, device=device)
-    if reads_on_host(message):
-        message[: len(header)] = torch.tensor(header, dtype=torch.float64)
+def empty_batch_sums(batch: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per-channel sums of an empty ``(0, C, *)`` batch: zeros ``(C,)`` computed from it."""
+    return batch.sum([0, *range(2, batch.dim())], dtype=dtype)
+
+
+def pack(header: tuple[float, ...], parts: list[Tensor]) -> Tensor:
+    """The float64 message ``[*header, *parts]`` on the parts' device."""
+    device = parts[0].device
+    if reads_on_host(parts[0]):
+        head = [torch.tensor(header, dtype=torch.float64)]
     else:
         # Filled on the device, not copied from host memory: a host-to-device copy would
         # synchronise and cannot be captured in a CUDA graph.
-        for index, value in enumerate(header):
-            message[index : index + 1].fill_(value)
-    return message
+        head = [torch.full((1,), value, dtype=torch.float64, device=device) for value in header]
+    return torch.cat([*head, *parts])
 
 
 # --- normalisation ------------------------------------------------------------------------

@@ -54,21 +54,19 @@ def pack_moments(input: Tensor) -> Tensor:
     """
     channels = input.shape[1]
     count = values_per_channel(input)
-    message = kernels.new_message(
-        (*agreement_header(channels), count), MESSAGE_HEADER_SIZE + 2 * channels, input.device
-    )
-    sums = message[MESSAGE_HEADER_SIZE:]
+    header = (*agreement_header(channels), count)
     if count == 0:
-        sums.zero_()
-        return message
+        # Zeros computed from the (empty) input rather than constants: under torch.compile a
+        # constant could be shared with another buffer that the in-place collective overwrites.
+        zeros = kernels.empty_batch_sums(input, torch.float64)
+        return kernels.pack(header, [zeros, zeros])
+    dtype = stats_dtype(input)
     # float16/bfloat16: statistics in float32, never accumulated in the input dtype.
-    mean, var = kernels.channel_moments(input.to(stats_dtype(input)))
-    sum_mean, sum_second = sums.view(2, channels).unbind()
-    sum_mean.copy_(mean)
-    sum_second.copy_(var)
-    # M2 + n*m^2 = n * (var + m^2), all in float64.
-    sum_second.addcmul_(sum_mean, sum_mean)
-    sums.mul_(count)
+    mean, var = kernels.channel_moments(input if input.dtype == dtype else input.detach().to(dtype))
+    mean = mean.to(torch.float64)
+    # M2 + n*m^2 = n * (var + m^2), all in float64 (var is promoted).
+    message = kernels.pack(header, [mean, torch.addcmul(var, mean, mean)])
+    message[MESSAGE_HEADER_SIZE:].mul_(count)
     return message
 
 
@@ -121,14 +119,20 @@ def check_header(fn: str, total: Tensor, input: Tensor, training: bool) -> Tenso
 def merge_moments(total: Tensor, count: Tensor | float, dtype: torch.dtype) -> GlobalMoments:
     """Global mean and variances from the summed message (float64 math, ``dtype`` results).
 
-    ``count`` is the global count :func:`check_header` returned.
+    ``count`` is the global count :func:`check_header` returned. With the sums
+    ``S1 = sum n_i m_i`` and ``S2 = sum (M2_i + n_i m_i^2)``: ``mean = S1 / n`` and the biased
+    variance ``S2 / n - mean^2`` (float64, clamped at 0 against rounding).
     """
-    sum_weighted_mean, sum_second = total[MESSAGE_HEADER_SIZE:].chunk(2)
-    mean = sum_weighted_mean / kernels.at_least(count, 1.0)
-    m2 = (sum_second - sum_weighted_mean * mean).clamp_(min=0)
-    var = m2 / kernels.at_least(count, 1.0)
-    var_unbiased = m2 / kernels.at_least(count - 1, 1.0)
-    return GlobalMoments(mean.to(dtype), var.to(dtype), var_unbiased.to(dtype), count)
+    channels = (total.shape[0] - MESSAGE_HEADER_SIZE) // 2
+    sums = total[MESSAGE_HEADER_SIZE:].view(2, channels)
+    mean, mean_square = (sums / kernels.at_least(count, 1.0)).unbind()
+    var = torch.addcmul(mean_square, mean, mean, value=-1).clamp_(min=0)
+    var_unbiased = var * (count / kernels.at_least(count - 1, 1.0))
+    return GlobalMoments(_as(mean, dtype), _as(var, dtype), _as(var_unbiased, dtype), count)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def global_moments(

@@ -51,9 +51,7 @@ def normalize(
     and memory format (see :func:`.kernels.normalize_inference` for ``statistics_in_graph``).
     """
     dtype = stats_dtype(input)
-    weight = None if weight is None else weight.to(dtype)
-    bias = None if bias is None else bias.to(dtype)
-    mean, var = mean.to(dtype), var.to(dtype)
+    weight, bias, mean, var = (_in_dtype(t, dtype) for t in (weight, bias, mean, var))
     if input.numel() == 0:
         # The native backward crashes (SIGFPE) on empty input; plain ops give the same
         # empty output and zero parameter gradients.
@@ -68,6 +66,10 @@ def normalize(
     return kernels.normalize_inference(
         input, weight, bias, mean, var, eps, statistics_in_graph=statistics_in_graph
     )
+
+
+def _in_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 class SyncNormalize(torch.autograd.Function):
@@ -114,7 +116,10 @@ class SyncNormalize(torch.autograd.Function):
         channels = input.shape[1]
         invstd = torch.rsqrt(var + ctx.eps)
         if values_per_channel(input) == 0:
-            local_sums = torch.zeros(2 * channels, dtype=dtype, device=input.device)
+            # Zeros computed from grad_output, so that a compiled backward keeps this collective
+            # in the backward (a constant would be hoisted into the forward graph).
+            zeros = kernels.empty_batch_sums(grad_output, dtype)
+            local_sums = torch.cat([zeros, zeros])
         else:
             sum_dy, sum_dy_xhat = kernels.backward_sums(
                 grad_output, input, None if weight is None else weight.to(dtype), mean, invstd,

@@ -4,7 +4,7 @@ them: eval, torch's native local kernel, or synchronised training."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from torch import Tensor
 
@@ -13,9 +13,19 @@ from .checks import check_arguments, check_local_batch_size
 from .moments import global_moments, stats_dtype
 from .normalize import SyncNormalize, normalization_terms, normalize
 from .reducer import LOCAL_REDUCER, Reducer
-from .state import State, next_state, update_factor, write_state
+from .state import State, next_state, update_factor, update_state_in_place
 
 EpsMode = Literal["plus", "clamp"]
+
+
+class BatchStatistics(NamedTuple):
+    """What a training batch contributes to the running statistics."""
+
+    mean: Tensor  # (C,)
+    var_unbiased: Tensor  # (C,)
+    # min(global count, 1): 0 when every participant was empty, so that the running stats stay
+    # as they were without a branch on data; None when the batch cannot be empty.
+    took_part: Tensor | float | None
 
 
 def batch_norm(
@@ -193,6 +203,7 @@ def run_batch_norm(
     reducer: Reducer | None,
     eps_mode: str,
     in_place: bool = False,
+    checked: bool = False,
 ) -> tuple[Tensor, State | None]:
     """Check the arguments, then route to inference, native local training or synchronised
     training.
@@ -201,11 +212,16 @@ def run_batch_norm(
     ``state``'s tensors and return ``state`` itself, where the public ops return a new dict
     and leave their arguments alone. The native kernel then updates them in the same pass,
     as nn.BatchNorm does.
+
+    ``checked``: the caller has already passed these very arguments through
+    :func:`~.checks.check_arguments` (a layer remembers the configuration it validated); the
+    checks that depend on the batch's size still run.
     """
-    check_arguments(
-        fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
-        eps_mode=eps_mode, reducer=reducer,
-    )
+    if not checked:
+        check_arguments(
+            fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
+            eps_mode=eps_mode, reducer=reducer,
+        )
     if state is not None and not training:
         terms = normalization_terms(state["running_var"], eps, eps_mode)
         output = normalize(input, weight, bias, state["running_mean"], terms.var, terms.eps)
@@ -213,60 +229,72 @@ def run_batch_norm(
     if reducer is None:
         check_local_batch_size(fn, input)
     if serves_natively(input, training, reducer, eps_mode):
-        output, new_state = _train_natively(input, state, weight, bias, momentum, eps, in_place)
+        if state is not None and momentum is not None:
+            return _train_natively_with_momentum(input, state, weight, bias, momentum, eps, in_place)
+        output, batch = _train_natively(input, state is not None, weight, bias, eps)
     else:
-        output, new_state = _train_synchronized(
-            fn, input, state, weight, bias, momentum, eps, reducer or LOCAL_REDUCER, eps_mode
+        output, batch = _train_synchronized(
+            fn, input, weight, bias, eps, reducer or LOCAL_REDUCER, eps_mode
         )
-    if in_place and new_state is not None and new_state is not state:
-        write_state(state, new_state)
+    if state is None:
+        return output, None
+    factor = update_factor(state, momentum, batch.mean.dtype)
+    if batch.took_part is not None:
+        factor = factor * batch.took_part
+    if in_place:
+        update_state_in_place(state, batch.mean, batch.var_unbiased, factor)
         return output, state
-    return output, new_state
+    return output, next_state(state, batch.mean, batch.var_unbiased, factor)
+
+
+def _train_natively_with_momentum(
+    input: Tensor,
+    state: Mapping[str, Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    in_place: bool,
+) -> tuple[Tensor, State]:
+    """torch's native kernel applies the momentum to the running stats itself, bit for bit
+    nn.BatchNorm; in place it writes them in the same pass."""
+    output, mean, var = kernels.train_locally(
+        input, weight, bias, state["running_mean"], state["running_var"], momentum, eps,
+        in_place=in_place,
+    )
+    if in_place:
+        state["num_batches_tracked"].add_(1)
+        return output, state
+    return output, {"running_mean": mean, "running_var": var,
+                    "num_batches_tracked": state["num_batches_tracked"] + 1}
 
 
 def _train_natively(
-    input: Tensor,
-    state: Mapping[str, Tensor] | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    momentum: float | None,
-    eps: float,
-    in_place: bool,
-) -> tuple[Tensor, State | None]:
-    """Training without synchronisation: torch's native kernel, bit for bit."""
-    if state is None:
+    input: Tensor, tracks: bool, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, BatchStatistics | None]:
+    """torch's native kernel; with running stats (``tracks``) the batch's mean and unbiased
+    variance come back (the kernel with momentum 1 on fresh tensors) for the cumulative
+    average to blend in."""
+    if not tracks:
         return kernels.train_locally(input, weight, bias, None, None, 0.0, eps, in_place=False)[0], None
-    if momentum is not None:
-        output, mean, var = kernels.train_locally(
-            input, weight, bias, state["running_mean"], state["running_var"], momentum, eps,
-            in_place=in_place,
-        )
-        if in_place:
-            state["num_batches_tracked"].add_(1)
-            return output, state
-        return output, {"running_mean": mean, "running_var": var,
-                        "num_batches_tracked": state["num_batches_tracked"] + 1}
-    # momentum=None: with momentum 1 the kernel returns the batch's mean and unbiased
-    # variance, which the cumulative average then blends in.
+    channels, dtype = input.shape[1], stats_dtype(input)
+    fresh_mean = input.new_zeros(channels, dtype=dtype)
+    fresh_var = input.new_ones(channels, dtype=dtype)
     output, mean, var = kernels.train_locally(
-        input, weight, bias, state["running_mean"], state["running_var"], 1.0, eps,
-        in_place=False,
+        input, weight, bias, fresh_mean, fresh_var, 1.0, eps, in_place=True
     )
-    factor = update_factor(state, None, stats_dtype(input))
-    return output, next_state(state, mean, var, factor)
+    return output, BatchStatistics(mean, var, None)
 
 
 def _train_synchronized(
     fn: str,
     input: Tensor,
-    state: Mapping[str, Tensor] | None,
     weight: Tensor | None,
     bias: Tensor | None,
-    momentum: float | None,
     eps: float,
     reducer: Reducer,
     eps_mode: str,
-) -> tuple[Tensor, State | None]:
+) -> tuple[Tensor, BatchStatistics]:
     """Training with statistics summed over all participants (one sum forward, one backward)."""
     moments = global_moments(fn, input, reducer, training=True)
     terms = normalization_terms(moments.var, eps, eps_mode)
@@ -274,11 +302,5 @@ def _train_synchronized(
         input, weight, bias, moments.mean, terms.var, terms.eps, terms.var_follows_batch,
         moments.count, reducer,
     )
-    if state is None:
-        return output, None
-    dtype = stats_dtype(input)
-    # A batch that is empty on every participant must leave the running stats as they were:
-    # scale the factor by min(count, 1) rather than branch on data.
-    took_part = kernels.as_dtype(kernels.at_most(moments.count, 1.0), dtype)
-    factor = update_factor(state, momentum, dtype) * took_part
-    return output, next_state(state, moments.mean, moments.var_unbiased, factor)
+    took_part = kernels.participation(moments.count, moments.mean.dtype)
+    return output, BatchStatistics(moments.mean, moments.var_unbiased, took_part)

@@ -91,8 +91,17 @@ def next_state(
     }
 
 
-def write_state(destination: Mapping[str, Tensor], new_state: Mapping[str, Tensor]) -> None:
-    """Copy ``new_state`` into the tensors of ``destination`` (a layer's buffers)."""
+def update_state_in_place(
+    state: Mapping[str, Tensor], batch_mean: Tensor, batch_var_unbiased: Tensor,
+    factor: float | Tensor,
+) -> None:
+    """:func:`next_state` written into ``state``'s own tensors (a layer's buffers), with the
+    same operations in the same order, so the same bits."""
     with torch.no_grad():
-        for key in STATE_KEYS:
-            destination[key].copy_(new_state[key])
+        for key, batch in (("running_mean", batch_mean), ("running_var", batch_var_unbiased)):
+            old = state[key]
+            if old.dtype == batch.dtype:
+                old.mul_(1 - factor).add_(batch * factor)
+            else:
+                old.copy_((old.to(batch.dtype) * (1 - factor) + batch * factor).to(old.dtype))
+        state["num_batches_tracked"].add_(1)
