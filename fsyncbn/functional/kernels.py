@@ -13,9 +13,15 @@ The choices, in one place:
   ops because Inductor's code recomputed the float64 per-channel math for every element.
 - Values are read on the host only for eager CPU tensors: elsewhere a read would stall the
   stream or break the graph, so checks become asynchronous device asserts.
+- Synchronised training in eager mode on CUDA runs the fused Triton path (:mod:`.fused`):
+  about ten kernel launches per layer step instead of several dozen small ones.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
+import os
 
 import torch
 from torch import Tensor
@@ -26,9 +32,32 @@ _native_inference = torch.ops.aten._native_batch_norm_legit_no_training
 _native_backward = torch.ops.aten.native_batch_norm_backward
 
 
-def compiling() -> bool:
-    """Whether torch.compile is tracing the caller."""
-    return torch.compiler.is_compiling()
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.cache
+def _triton_ready(device_type: str) -> bool:
+    """Triton imports, and runs on ``device_type``: CUDA, or the CPU under Triton's interpreter
+    when ``FSYNCBN_FUSED_ON_CPU=1`` and ``TRITON_INTERPRET=1`` (how the tests check the kernels
+    without a GPU). ``FSYNCBN_FUSED=0`` turns the fused path off."""
+    if os.environ.get("FSYNCBN_FUSED", "1") == "0" or importlib.util.find_spec("triton") is None:
+        return False
+    if device_type == "cuda":
+        return True
+    return (
+        device_type == "cpu" and os.environ.get("FSYNCBN_FUSED_ON_CPU") == "1"
+        and os.environ.get("TRITON_INTERPRET") == "1"
+    )
+
+
+def runs_fused(input: Tensor) -> bool:
+    """Whether the fused Triton path serves a synchronised training call on ``input``: eager
+    mode (torch.compile fuses the composed path itself), a non-empty float16, bfloat16 or
+    float32 batch, on CUDA."""
+    return (
+        input.dtype in _FUSED_DTYPES and input.numel() > 0 and not torch.compiler.is_compiling()
+        and _triton_ready(input.device.type)
+    )
 
 
 def reads_on_host(t: Tensor) -> bool:

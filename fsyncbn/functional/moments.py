@@ -139,7 +139,13 @@ def global_moments(
     fn: str, input: Tensor, reducer: Callable[[Tensor], Tensor], training: bool
 ) -> GlobalMoments:
     """Moments of the batch spread over all participants: one call of ``reducer``, O(C)."""
-    message = pack_moments(input.detach())
+    total = reduce_message(fn, pack_moments(input.detach()), reducer)
+    global_count = check_header(fn, total, input, training)
+    return merge_moments(total, global_count, stats_dtype(input))
+
+
+def reduce_message(fn: str, message: Tensor, reducer: Callable[[Tensor], Tensor]) -> Tensor:
+    """``reducer(message)``, checked to be a tensor of the message's shape."""
     total = reducer(message)
     if not isinstance(total, torch.Tensor) or total.shape != message.shape:
         got = shape_str(total.shape) if isinstance(total, torch.Tensor) else type(total).__name__
@@ -147,5 +153,4 @@ def global_moments(
             f"{fn}: the reducer must return a tensor shaped like its argument "
             f"{shape_str(message.shape)}, got {got}"
         )
-    global_count = check_header(fn, total, input, training)
-    return merge_moments(total, global_count, stats_dtype(input))
+    return total

@@ -232,6 +232,13 @@ def run_batch_norm(
         if state is not None and momentum is not None:
             return _train_natively_with_momentum(input, state, weight, bias, momentum, eps, in_place)
         output, batch = _train_natively(input, state is not None, weight, bias, eps)
+    elif kernels.runs_fused(input):
+        from . import fused  # needs Triton
+
+        return fused.train_synchronized(
+            fn, input, state, weight, bias, momentum, eps, reducer or LOCAL_REDUCER, eps_mode,
+            in_place,
+        )
     else:
         output, batch = _train_synchronized(
             fn, input, weight, bias, eps, reducer or LOCAL_REDUCER, eps_mode
