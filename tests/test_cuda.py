@@ -133,3 +133,63 @@ def test_replicas_on_cuda_equal_one_model_on_the_whole_batch():
     ) * model.weight.detach().view(1, -1, 1, 1) + model.bias.detach().view(1, -1, 1, 1),
         rtol=1e-4, atol=1e-4)
     assert int(model.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("eps_mode", ["plus", "clamp"])
+def test_fused_path_equals_the_composed_path(layout, eps_mode, monkeypatch):
+    """The Triton kernels (eager CUDA) against the composed torch-op path on the same data."""
+    from fsyncbn.functional import kernels
+
+    assert kernels.runs_fused(torch.randn(2, 2, device="cuda"))
+    x = (torch.randn(16, 32, 9, 9, device="cuda") * 2 + 5).contiguous(memory_format=layout)
+    x[:, 3] = 1 + 1e-4 * x[:, 3]  # a nearly constant channel: clamped in clamp mode
+    w, b, g = torch.rand(32, device="cuda") + 0.5, torch.randn(32, device="cuda"), torch.randn_like(x)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(kernels, "runs_fused", lambda input: False)
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        y, state = sync_batch_norm(xs, init_state(32, device="cuda"), ws, bs, reducer=LocalReducer(),
+                                   eps_mode=eps_mode, momentum=None)
+        (y * g).sum().backward()
+        results.append((y, xs.grad, ws.grad, bs.grad, state["running_mean"], state["running_var"]))
+    for fused_value, composed_value in zip(*results, strict=True):
+        torch.testing.assert_close(fused_value, composed_value, rtol=1e-4, atol=1e-4)
+
+
+def test_one_synchronised_layer_step_launches_at_most_16_kernels():
+    """Every CUDA kernel of one forward and backward on a 1-rank NCCL group, collectives and
+    gradient accumulation included (torch.nn.SyncBatchNorm's path: about 30)."""
+    import os
+
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    from fsyncbn.reducers import ProcessGroupReducer
+    from tests.distributed import free_port
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        x = torch.randn(32, 64, 14, 14, device="cuda", requires_grad=True)
+        w = torch.ones(64, device="cuda", requires_grad=True)
+        b = torch.zeros(64, device="cuda", requires_grad=True)
+        state = init_state(64, device="cuda")
+        reducer = ProcessGroupReducer()
+        g = torch.randn_like(x)
+
+        def step():
+            y, _ = batch_norm(x, state, w, b, training=True, reducer=reducer)
+            y.backward(g)
+
+        for _ in range(3):
+            step()  # size checks, autotuning, gradient buffers
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        assert len(kernels) <= 16, [e.name for e in kernels]
+    finally:
+        dist.destroy_process_group()
