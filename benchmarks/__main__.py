@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import cases
+from benchmarks import cases, gpu
 
 
 def _machine(device: str) -> str:
@@ -57,6 +57,7 @@ def markdown(results: dict) -> str:
                   "|---|---|---|---|"]
         lines += [f"| {r['world_size']} | {r['channels']} | {r['fsyncbn']} | "
                   f"{r['torch.nn.SyncBatchNorm (forward all_gather)']} |" for r in comm]
+    lines += gpu.markdown(results["rows"])
     return "\n".join(lines) + "\n"
 
 
@@ -64,7 +65,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and shapes (< 2 min)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--cases", default="a,c,d,e", help="which of a/b (speed), c, d, e to run")
+    parser.add_argument("--cases", default="a,c,d,e",
+                        help="which of a/b (speed), c, d, e, f (sync paths against torch's) to run")
+    parser.add_argument("--no-model-compile", action="store_true", help="case f: skip compiling the model")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     wanted = set(args.cases.split(","))
@@ -78,6 +81,8 @@ def main() -> None:
         rows += cases.ddp_step(args.quick)
     if "e" in wanted:
         rows += cases.communication()
+    if "f" in wanted:
+        rows += gpu.gpu_case(args.quick, args.device, compile_model=not args.no_model_compile)
     results = {"machine": _machine(args.device), "quick": args.quick,
                "seconds": time.monotonic() - start, "rows": rows}
     table = markdown(results)

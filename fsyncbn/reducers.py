@@ -198,5 +198,9 @@ class ProcessGroupReducer:
             )
         self._checked_sizes.add(n)
 
+    def __deepcopy__(self, memo: dict) -> ProcessGroupReducer:
+        # A process group is a handle to shared communicators: copies of a model share it.
+        return ProcessGroupReducer(self.group, name=self.name)
+
     def __repr__(self) -> str:
         return f"ProcessGroupReducer(group={'WORLD' if self.group is None else self.group})"
