@@ -49,6 +49,8 @@ def test_functional_example():
     out = _run("examples/functional.py")
     gap = float(re.search(r"batch norm on all 10: max difference (\S+)", out)[1])
     assert gap < 1e-12
+    ensemble_gap = float(re.search(r"vmap vs a loop over the members: max difference (\S+)", out)[1])
+    assert ensemble_gap < 1e-6, out
 
 
 def test_dataparallel_example():
