@@ -100,9 +100,8 @@ def markdown(results: dict) -> str:
 
 
 def _span(values: list[float], digits: int = 2) -> str:
-    low, high = min(values), max(values)
-    return f"{low:.{digits}f}" if f"{low:.{digits}f}" == f"{high:.{digits}f}" else (
-        f"{low:.{digits}f}-{high:.{digits}f}")
+    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return low if low == high else f"{low} to {high}"
 
 
 def _speed_span(rows: list[dict], case: str, mode: str) -> str | None:
@@ -139,11 +138,16 @@ def performance_block(results_by_device: dict[str, dict]) -> str:
     labels = list(dict.fromkeys(label for d in devices for label in summaries[d]))
     header = [f"{d.upper()}: {results_by_device[d]['machine']}"
               + (" (quick run)" if results_by_device[d]["quick"] else "") for d in devices]
-    lines = ["Time ratio fsyncbn / torch (below 1: fsyncbn is faster), lowest-highest over the "
-             "benchmark's shapes; from " + ", ".join(f"`benchmarks/results/{d}.json`" for d in devices)
-             + ".", "", "| | " + " | ".join(header) + " |", "|---|" + "---|" * len(devices)]
+    sources = ", ".join(f"`benchmarks/results/{d}.json`" for d in devices)
+    lines = ["Time ratio fsyncbn / torch (below 1: fsyncbn is faster): the lowest and highest median "
+             f"over the benchmark's shapes, from {sources}.", "",
+             "| | " + " | ".join(header) + " |", "|---|" + "---|" * len(devices)]
     lines += [f"| {label} | " + " | ".join(summaries[d].get(label, "-") for d in devices) + " |"
               for label in labels]
+    timed = [r for d in devices for r in results_by_device[d]["rows"] if "low" in r and "high" in r]
+    if timed:
+        lines += ["", f"Single rounds ranged from {min(r['low'] for r in timed):.2f} to "
+                  f"{max(r['high'] for r in timed):.2f} (a wide range means a busy machine)."]
     if "cuda" not in devices:
         lines += ["", "No GPU results file yet (`python -m benchmarks --device cuda` writes "
                   "`benchmarks/results/cuda.json`)."]
@@ -163,7 +167,7 @@ def demo_block(demo: dict) -> str:
     """README.md's demo table, from the demo's results file."""
     s = demo["settings"]
     names = [run["name"] for run in demo["runs"]]
-    lines = [f"Measured on {demo['machine']}: {s['epochs']} epochs of {s['steps']} steps, float64, "
+    lines = [f"Measured on {demo['machine']}: {s['epochs']} epochs, {s['steps']} steps, float64, "
              f"{demo['seconds']:.0f} s for the three runs (from `docs/results/demo.json`).", "",
              "| run | test accuracy | training loss (mean of the last 50 steps) |", "|---|---|---|"]
     lines += [f"| {run['name']} | {run['test_accuracy']:.3f} | {run['loss_last_50']:.3f} |"
