@@ -85,9 +85,9 @@ def _guarded(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
 
 
 def _third_party_imports() -> dict[str, str]:
-    """Top-level modules that tests, examples and benchmarks import unconditionally -> a file."""
+    """Top-level modules that the tests and examples import unconditionally -> a file."""
     modules: dict[str, str] = {}
-    for folder in ("tests", "examples", "benchmarks"):
+    for folder in ("tests", "examples"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             tree = ast.parse(path.read_text())
             parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
