@@ -119,6 +119,13 @@ def _summary_rows(results: dict) -> dict[str, str]:
         "the synchronised path (1 participant), compiled, against eager nn.BatchNorm":
             _speed_span(rows, "b", "compiled"),
     }
+    # Timed cases without a summary line of their own (a new case): one line per case, mode and
+    # reference, over its shapes.
+    for row in rows:
+        if _is_speed(row) and _letter(row) not in "ab":
+            label = f"{row['case']}, {row['mode']}, against {row['vs']}"
+            summary.setdefault(label, _span([r["ratio"] for r in rows if _is_speed(r) and (
+                r["case"], r["mode"], r["vs"]) == (row["case"], row["mode"], row["vs"])]))
     ddp = [r for r in rows if _letter(r) == "d"]
     if ddp:
         summary["a DDP training step (2 gloo processes, 7 BN layers) against nn.BatchNorm2d"] = (

@@ -34,6 +34,16 @@ def test_communication_counts_forward_and_backward_for_both_libraries():
     assert sorted(row["world_size"] for row in rows) == [2, 4, 8]
 
 
+def test_summary_includes_a_new_timed_case():
+    row = {"case": "f layer", "shape": "s", "mode": "eager", "vs": "torch sync", "ours_us": 1.0,
+           "theirs_us": 2.0, "low": 0.4, "high": 0.6}
+    results = {"machine": "GPU", "quick": False, "seconds": 1.0,
+               "rows": [{**row, "ratio": 0.5}, {**row, "shape": "t", "ratio": 0.75}]}
+    block = report.performance_block({"cuda": results})
+    assert "| f layer, eager, against torch sync | 0.50 to 0.75 |" in block
+    assert "| f layer | s | eager | torch sync | 1 | 2 | 0.50 (0.40-0.60) |" in report.markdown(results)
+
+
 def test_report_shows_a_case_it_has_no_layout_for():
     results = {"machine": "m", "quick": True, "seconds": 1.0,
                "rows": [{"case": "f new case", "shape": "(2, 3)", "speedup": 1.23456}]}
