@@ -219,17 +219,23 @@ def ddp_step(quick: bool) -> list[dict]:
 # --- e: communication per layer against world size -----------------------------------
 
 
-def _numbers_sent(world: int, channels: int) -> int:
-    """One participant's count of numbers summed, over a forward and backward of one layer."""
+def _numbers_sent(world: int, channels: int) -> dict[str, int]:
+    """Numbers and bytes one participant sums over one layer's forward and backward.
+
+    Each participant is a thread whose reducer counts what it is given, then sums with the
+    others; forward and backward are told apart by when the reducer is called.
+    """
     import threading
 
     barrier = threading.Barrier(world)
     slots: list = [None] * world
-    sent = [0] * world
+    counts = [{"forward": 0, "backward": 0, "forward_bytes": 0, "backward_bytes": 0} for _ in range(world)]
+    phase = ["forward"] * world
 
     def reducer_for(rank: int):
         def total(t: torch.Tensor) -> torch.Tensor:
-            sent[rank] += t.numel()
+            counts[rank][phase[rank]] += t.numel()
+            counts[rank][f"{phase[rank]}_bytes"] += t.numel() * t.element_size()
             slots[rank] = t
             barrier.wait()
             out = torch.stack(slots).sum(0)
@@ -241,6 +247,7 @@ def _numbers_sent(world: int, channels: int) -> int:
     def participant(rank: int) -> None:
         x = torch.randn(2, channels, 4, 4, requires_grad=True)
         y, _ = sync_batch_norm(x, None, reducer=reducer_for(rank))
+        phase[rank] = "backward"
         y.backward(torch.randn_like(y))
 
     threads = [threading.Thread(target=participant, args=(r,)) for r in range(world)]
@@ -248,18 +255,31 @@ def _numbers_sent(world: int, channels: int) -> int:
         thread.start()
     for thread in threads:
         thread.join(60)
-    return sent[0]
+    return counts[0]
 
 
 def communication(channels: int = 256) -> list[dict]:
-    """Case e: numbers each participant sends per layer and step, by world size.
+    """Case e: numbers each participant's collectives carry per layer and step, by world size.
 
-    Measured by running sync_batch_norm with a counting reducer per participant (threads);
-    torch.nn.SyncBatchNorm's forward all_gather of W x (2C + 1) numbers for comparison.
+    fsyncbn's are measured: sync_batch_norm runs with a counting reducer per participant
+    (threads, float32 input). A collective's size is the numbers in its result buffer: an
+    all_reduce of n numbers counts n, an all_gather of n from each of W participants W x n.
+    torch.nn.SyncBatchNorm's come from its source (torch/nn/modules/_functions.py): forward
+    all_gathers [mean, invstd, count] (2C + 1 numbers) from every participant, backward
+    all_reduces [sum_dy, sum_dy_xmu] (2C numbers), both in the input's dtype (4 bytes here);
+    it runs only on accelerators, so it cannot be counted on a CPU machine.
     """
-    return [
-        {"case": "e numbers sent per layer and step", "world_size": world, "channels": channels,
-         "fsyncbn": _numbers_sent(world, channels),
-         "torch.nn.SyncBatchNorm (forward all_gather)": world * (2 * channels + 1)}
-        for world in (2, 4, 8)
-    ]
+    rows = []
+    for world in (2, 4, 8):
+        ours = _numbers_sent(world, channels)
+        torch_forward, torch_backward = world * (2 * channels + 1), 2 * channels
+        rows.append({
+            "case": "e numbers per layer and step", "world_size": world, "channels": channels,
+            "fsyncbn_forward": ours["forward"], "fsyncbn_backward": ours["backward"],
+            "fsyncbn_total": ours["forward"] + ours["backward"],
+            "fsyncbn_bytes": ours["forward_bytes"] + ours["backward_bytes"],
+            "torch_forward": torch_forward, "torch_backward": torch_backward,
+            "torch_total": torch_forward + torch_backward,
+            "torch_bytes": 4 * (torch_forward + torch_backward),
+        })
+    return rows

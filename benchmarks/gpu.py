@@ -223,24 +223,3 @@ def gpu_case(quick: bool, device: str, compile_model: bool = True) -> list[dict]
     finally:
         if own_group:
             dist.destroy_process_group()
-
-
-def markdown(rows: list[dict]) -> list[str]:
-    """The case-f tables."""
-    lines: list[str] = []
-    layer_rows = [r for r in rows if r["case"] == "f layer"]
-    if layer_rows:
-        lines += ["", "| f layer | mode | against | fsyncbn us | theirs us | ratio (spread) | kernels "
-                  "(fsyncbn / theirs) |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['shape']} | {r['mode']} | {r['vs']} | {r['ours_us']:.0f} | {r['theirs_us']:.0f} | "
-                  f"{r['ratio']:.2f} ({r['low']:.2f}-{r['high']:.2f}) | "
-                  f"{r.get('fsyncbn_kernels', '-')} / {r.get('torch_kernels', '-')} |" for r in layer_rows]
-    model_rows = [r for r in rows if r["case"].startswith("f ResNet")]
-    if model_rows:
-        lines += ["", f"| {model_rows[0]['case']} | mode | against | ours ms | theirs ms | ratio (spread) | "
-                  "peak memory ratio |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['ours']} | {r['mode']} | {r['vs']} | {r['ours_us'] / 1e3:.1f} | "
-                  f"{r['theirs_us'] / 1e3:.1f} | {r['ratio']:.2f} ({r['low']:.2f}-{r['high']:.2f}) | "
-                  f"{'-' if r.get('peak_ratio') is None else format(r['peak_ratio'], '.3f')} |"
-                  for r in model_rows]
-    return lines

@@ -29,13 +29,24 @@ def explicit_state() -> None:
 
 
 def ensemble() -> None:
-    """Four independent batch-norm states trained at once with vmap (training mode)."""
+    """Four independent batch-norm states trained at once with vmap (training mode).
+
+    torch has no vmap batching rule yet for the batch-norm kernel that batch_norm calls
+    (aten::_native_batch_norm_legit_functional), so vmap runs it once per member and torch
+    prints a "performance drop ... batching rule not implemented" warning. The results are
+    exact (checked against a loop over the members below); only the speed is a loop's.
+    """
     members, channels = 4, 3
     one = init_state(channels)
     states = {key: torch.stack([value] * members) for key, value in one.items()}
     x = torch.randn(members, 16, channels) + torch.arange(members).view(members, 1, 1)
-    _, states = vmap(lambda s, xi: batch_norm(xi, s, training=True))(states, x)
-    print("per-member running_mean:\n", states["running_mean"])
+    print("vmap over 4 members (torch may warn of a 'performance drop': no batching rule for its "
+          "batch-norm kernel yet, so it loops over the members; the results are exact)")
+    _, new_states = vmap(lambda s, xi: batch_norm(xi, s, training=True))(states, x)
+    looped = torch.stack([batch_norm(x[i], one, training=True)[1]["running_mean"] for i in range(members)])
+    print("per-member running_mean:\n", new_states["running_mean"])
+    print(f"vmap vs a loop over the members: max difference "
+          f"{(new_states['running_mean'] - looped).abs().max():.1e}")
 
 
 def custom_reducer() -> None:

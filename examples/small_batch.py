@@ -9,16 +9,20 @@ the package; nothing is downloaded) three ways, with the same seed and data orde
 
 It prints a table (test accuracy, final loss, the largest gap between the loss curves of
 (ii) and (iii), which is ~0 because sync BN over 4 x 2 *is* batch norm over 8) and writes a
-plot of the three loss curves.
+plot of the three loss curves. With ``--results`` it also writes the figures as JSON; the
+README's demo table is generated from docs/results/demo.json (``python -m benchmarks.report``).
 
     python examples/small_batch.py [--world-size 4] [--per-process-batch 2] [--epochs 2]
+    python examples/small_batch.py --out docs/small_batch.png --results docs/results/demo.json
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
+import platform
 import socket
 import time
 from dataclasses import dataclass
@@ -43,6 +47,7 @@ class Config:
     out: str = "small_batch.png"
     show_progress: bool = True
     max_steps: int | None = None
+    results: str | None = None
 
 
 def load_digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -170,11 +175,36 @@ def run_all(cfg: Config) -> dict[str, dict]:
     return runs
 
 
-def report(runs: dict, cfg: Config) -> float:
-    """Print the table, write the plot; return the largest (ii) - (iii) loss gap."""
+def summary(runs: dict, cfg: Config) -> dict:
+    """The figures of a run, as written to ``--results``: settings, machine, and per run the
+    test accuracy and the mean training loss of the last 50 steps."""
     names = [k for k in runs if k != "seconds"]
     gap = max(abs(a - b) for a, b in zip(runs[names[1]]["losses"], runs[names[2]]["losses"],
                                          strict=True))
+    return {
+        "settings": {"world_size": cfg.world_size, "per_process_batch": cfg.per_process_batch,
+                     "epochs": cfg.epochs, "lr": cfg.lr, "seed": cfg.seed,
+                     "steps": len(runs[names[0]]["losses"])},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "seconds": runs["seconds"],
+        "runs": [{"name": name, "test_accuracy": runs[name]["accuracy"],
+                  "loss_last_50": sum(runs[name]["losses"][-50:]) / len(runs[name]["losses"][-50:])}
+                 for name in names],
+        "largest_loss_gap_ii_iii": gap,
+    }
+
+
+def report(runs: dict, cfg: Config) -> float:
+    """Print the table, write the plot (and ``cfg.results``); return the largest (ii) - (iii)
+    loss gap."""
+    names = [k for k in runs if k != "seconds"]
+    figures = summary(runs, cfg)
+    gap = figures["largest_loss_gap_ii_iii"]
+    if cfg.results:
+        os.makedirs(os.path.dirname(cfg.results) or ".", exist_ok=True)
+        with open(cfg.results, "w") as f:
+            json.dump(figures, f, indent=1)
+            f.write("\n")
     g = cfg.per_process_batch * cfg.world_size
     print(f"\ndigits, {cfg.epochs} epochs, global batch {g} "
           f"({cfg.world_size} x {cfg.per_process_batch}), {runs['seconds']:.0f} s")
@@ -200,8 +230,11 @@ def report(runs: dict, cfg: Config) -> float:
     ax.set_title("Batch norm with 2 images per process: local vs synchronized")
     ax.legend()
     fig.tight_layout()
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     fig.savefig(cfg.out, dpi=120)
     print(f"plot: {cfg.out}")
+    if cfg.results:
+        print(f"figures: {cfg.results} (python -m benchmarks.report puts them in the README)")
     return gap
 
 
@@ -215,9 +248,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--out", default="small_batch.png", help="where to write the plot")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--results", default=None, help="also write the figures as JSON here")
     a = p.parse_args(argv)
     return Config(a.world_size, a.per_process_batch, a.epochs, a.lr, a.seed, a.out,
-                  not a.no_progress, a.max_steps)
+                  not a.no_progress, a.max_steps, a.results)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,21 @@ _TO_FSYNCBN: dict[type[nn.Module], type[SynchronizedBatchNormBase]] = {
 _TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {v: k for k, v in _TO_FSYNCBN.items()}
 
 
+def _require_module(function: str, module: object) -> None:
+    """Raise a TypeError naming ``function`` unless ``module`` is an nn.Module."""
+    if not isinstance(module, nn.Module):
+        if isinstance(module, type):
+            got = f"the class {module.__name__}"
+        elif isinstance(module, str | int | float):
+            got = f"{type(module).__name__} {module!r}"
+        else:
+            got = type(module).__name__
+        raise TypeError(
+            f"{function}: expected module to be a torch.nn.Module, got {got}; pass the model object "
+            "itself (for example torchvision.models.resnet50()), not its name or class"
+        )
+
+
 def _rewrap_data_parallel(dp: nn.DataParallel, inner: nn.Module, cls: type[nn.Module]) -> Any:
     """A ``cls`` DataParallel around ``inner`` with ``dp``'s device_ids, output_device, dim.
 
@@ -70,12 +85,16 @@ def convert_model(module: nn.Module, process_group: dist.ProcessGroup | None = N
     Returns:
         The converted module.
 
+    Raises:
+        TypeError: ``module`` is not an nn.Module (a model's name or class, for example).
+
     Example:
         >>> from torch import nn
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
         >>> type(convert_model(net)[1]).__name__
         'SynchronizedBatchNorm2d'
     """
+    _require_module("convert_model", module)
     if isinstance(module, nn.DataParallel) and not isinstance(module, DataParallelWithCallback):
         inner = convert_model(module.module, process_group)
         return _rewrap_data_parallel(module, inner, DataParallelWithCallback)
@@ -96,6 +115,7 @@ def revert_model(module: nn.Module) -> nn.Module:
     nn.DataParallel. Tensors are shared as in convert_model. A layer with
     ``eps_mode="clamp"`` has no torch equivalent; it is reverted with a warning.
     """
+    _require_module("revert_model", module)
     if isinstance(module, DataParallelWithCallback):
         return _rewrap_data_parallel(module, revert_model(module.module), nn.DataParallel)
     reverted = module

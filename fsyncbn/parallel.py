@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
+from torch._utils import _get_available_device_type, _get_device_attr, _get_device_index
 
 from .modules import SynchronizedBatchNormBase
 from .replicas import ReplicaGroup, ReplicaMonitor
@@ -27,6 +28,7 @@ __all__ = [
     "DEFAULT_SYNC_TIMEOUT_S",
     "DataParallelWithCallback",
     "ReplicaRun",
+    "check_device_ids",
     "execute_replication_callbacks",
     "patch_replication_callback",
 ]
@@ -122,6 +124,47 @@ def execute_replication_callbacks(
     return ReplicaRun(replicas, timeout)
 
 
+def check_device_ids(caller: str, device_ids: Sequence[Any] | None) -> None:
+    """Refuse device lists on which synchronized replicas would run wrongly.
+
+    nn.DataParallel accepts both of these and then misbehaves: on a machine that does not see
+    the named GPUs it silently runs one copy of the module, and with a repeated device the
+    replicas' backward passes share that device's one autograd thread, so they run one after
+    the other and can never meet at a synchronized layer.
+
+    Raises:
+        ValueError: a device is repeated, or names a GPU this machine does not see.
+    """
+    if not device_ids:  # None or []: every visible device (the module itself without GPUs)
+        return
+    named = list(device_ids)
+    indices = [_get_device_index(device, True) for device in named]
+    repeated = sorted({i for i in indices if indices.count(i) > 1})
+    if repeated:
+        raise ValueError(
+            f"{caller}: expected distinct device_ids, got {named!r} (device {repeated[0]} repeated); "
+            "replicas on one device share that device's autograd thread in backward, so they would "
+            "run one after the other and never meet at a synchronized batch-norm layer. Give each "
+            "replica its own device, or train on one device with the whole batch"
+        )
+    device_type = _get_available_device_type()
+    visible = _get_device_attr(lambda m: m.device_count()) if device_type else 0
+    if not visible:
+        raise ValueError(
+            f"{caller}: device_ids={named!r} names {len(named)} GPU(s), but this machine sees none "
+            "(torch.cuda.is_available() is False), and DataParallel would silently run a single "
+            "copy of the module on the CPU; pass device_ids=None to run on the CPU, or run where "
+            "those GPUs are visible"
+        )
+    missing = [i for i in indices if not 0 <= i < visible]
+    if missing:
+        raise ValueError(
+            f"{caller}: device_ids={named!r} names {device_type} device(s) {missing}, but this "
+            f"machine sees {visible} (indices 0 to {visible - 1}); pass device_ids=None to use all "
+            "of them, or indices below " + str(visible)
+        )
+
+
 class _CallbackState(threading.local):
     run: ReplicaRun | None = None
 
@@ -153,6 +196,10 @@ class DataParallelWithCallback(nn.DataParallel):
     :class:`fsyncbn.reducers.SynchronizationError` naming the layer. On a machine without
     GPUs (or with one device) DataParallel runs the module itself: nothing to synchronise.
 
+    Raises:
+        ValueError: ``device_ids`` repeats a device, or names GPUs this machine does not see
+            (see :func:`check_device_ids`).
+
     Example:
         >>> from fsyncbn import SynchronizedBatchNorm1d
         >>> sync_bn = DataParallelWithCallback(SynchronizedBatchNorm1d(10, affine=False))
@@ -167,6 +214,7 @@ class DataParallelWithCallback(nn.DataParallel):
         *,
         sync_timeout: float = DEFAULT_SYNC_TIMEOUT_S,
     ) -> None:
+        check_device_ids(type(self).__name__, device_ids)
         super().__init__(module, device_ids, output_device, dim)
         self.sync_timeout = sync_timeout
         self._callback_state = _CallbackState()
@@ -191,6 +239,7 @@ def patch_replication_callback(
 
     Raises:
         TypeError: ``data_parallel`` is not an nn.DataParallel.
+        ValueError: its ``device_ids`` repeat a device (see :func:`check_device_ids`).
 
     Example:
         >>> from torch import nn
@@ -204,6 +253,7 @@ def patch_replication_callback(
             "patch_replication_callback: expected an nn.DataParallel, "
             f"got {type(data_parallel).__name__}"
         )
+    check_device_ids("patch_replication_callback", data_parallel.device_ids)
     if isinstance(data_parallel, DataParallelWithCallback) or getattr(
         data_parallel, "_fsyncbn_patched", False
     ):

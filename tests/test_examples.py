@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -37,18 +38,28 @@ def _load(name: str):
 
 def test_small_batch_demo(tmp_path):
     out = _run("examples/small_batch.py", "--world-size", "2", "--per-process-batch", "2",
-               "--max-steps", "30", "--no-progress", "--out", str(tmp_path / "plot.png"))
+               "--max-steps", "30", "--no-progress", "--out", str(tmp_path / "plot.png"),
+               "--results", str(tmp_path / "demo.json"))
     gap = float(re.search(r"largest \|loss \(ii\) - loss \(iii\)\| over 30 steps: (\S+)", out)[1])
     assert gap < 1e-9, out
     assert (tmp_path / "plot.png").stat().st_size > 10_000
     for run in ("(i) 2x2 nn.BatchNorm", "(ii) 2x2 fsyncbn", "(iii) 1x4 nn.BatchNorm"):
         assert run in out
+    # The results file holds the printed figures (the README's demo table is made from it).
+    figures = json.loads((tmp_path / "demo.json").read_text())
+    assert figures["settings"]["steps"] == 30 and figures["settings"]["world_size"] == 2
+    assert f"{figures['largest_loss_gap_ii_iii']:.2e}" in out
+    for run in figures["runs"]:
+        row = rf"{re.escape(run['name'])}\s+{run['test_accuracy']:.3f}\s+{run['loss_last_50']:.4f}"
+        assert re.search(row, out), (run, out)
 
 
 def test_functional_example():
     out = _run("examples/functional.py")
     gap = float(re.search(r"batch norm on all 10: max difference (\S+)", out)[1])
     assert gap < 1e-12
+    ensemble_gap = float(re.search(r"vmap vs a loop over the members: max difference (\S+)", out)[1])
+    assert ensemble_gap < 1e-6, out
 
 
 def test_dataparallel_example():

@@ -287,7 +287,7 @@ def _rss_mb() -> float:
 
 @pytest.mark.slow
 def test_soak_replicas_equal_a_single_process_every_step():
-    """500 steps (about 20 s); FSYNCBN_SOAK_STEPS=N pytest tests/test_faults.py -k soak for N."""
+    """500 steps by default; FSYNCBN_SOAK_STEPS=N pytest tests/test_faults.py -k soak for N."""
     torch.manual_seed(0)
     model = nn.Sequential(SynchronizedBatchNorm1d(5), nn.Linear(5, 5), SynchronizedBatchNorm1d(5)).double()
     reference = nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 5), nn.BatchNorm1d(5)).double()

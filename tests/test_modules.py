@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
 from fsyncbn import (
+    DataParallelWithCallback,
     SyncBatchNorm,
     SynchronizedBatchNorm1d,
     SynchronizedBatchNorm2d,
     SynchronizedBatchNorm3d,
+    convert_model,
     get_sbn_eps_mode,
+    patch_replication_callback,
+    revert_model,
     set_sbn_eps_mode,
 )
 from tests.reference import float64_moments
@@ -197,3 +203,86 @@ def test_bad_arguments_to_the_replication_callback():
                                          r"got replicas with \[1, 2\] synchronized batch-norm layers"):
         execute_replication_callbacks([SynchronizedBatchNorm2d(3),
                                        nn.Sequential(SynchronizedBatchNorm2d(3), SynchronizedBatchNorm2d(3))])
+
+
+def _dp_claiming_devices(device_ids):
+    """An nn.DataParallel as torch builds it on a machine with GPUs: device_ids kept as given."""
+    dp = nn.DataParallel(SynchronizedBatchNorm1d(3))
+    dp.device_ids = list(device_ids)
+    return dp
+
+
+# Mistakes a user can make at the public calls: (description, call, exception, message regex).
+USER_MISTAKES = [
+    ("num_features a float", lambda: SynchronizedBatchNorm2d(3.0), TypeError,
+     r"SynchronizedBatchNorm2d: expected num_features to be a positive int \(the number of channels C\), "
+     r"got float 3.0; pass int\(3.0\)"),
+    ("process_group a list of ranks", lambda: SyncBatchNorm(3, process_group=[0, 1]), TypeError,
+     r"SyncBatchNorm: expected process_group to be a torch.distributed.ProcessGroup \(for example from "
+     r"torch.distributed.new_group\(ranks\) or fsyncbn.sync_groups\) or None for WORLD, got list \[0, 1\]"),
+    ("convert_model given a name", lambda: convert_model("resnet"), TypeError,
+     r"convert_model: expected module to be a torch.nn.Module, got str 'resnet'; pass the model object "
+     r"itself \(for example torchvision.models.resnet50\(\)\), not its name or class"),
+    ("convert_model given a class", lambda: convert_model(nn.BatchNorm2d), TypeError,
+     r"convert_model: expected module to be a torch.nn.Module, got the class BatchNorm2d; pass the model"),
+    ("revert_model given None", lambda: revert_model(None), TypeError,
+     r"revert_model: expected module to be a torch.nn.Module, got NoneType; pass the model object"),
+    ("the same device twice", lambda: DataParallelWithCallback(SynchronizedBatchNorm1d(3), device_ids=[0, 0]),
+     ValueError,
+     r"DataParallelWithCallback: expected distinct device_ids, got \[0, 0\] \(device 0 repeated\); replicas "
+     r"on one device share that device's autograd thread in backward, so they would run one after the "
+     r"other and never meet at a synchronized batch-norm layer. Give each replica its own device"),
+    ("the same device twice, as strings",
+     lambda: DataParallelWithCallback(SynchronizedBatchNorm1d(3), device_ids=["cuda:1", 0, "cuda:1"]),
+     ValueError, r"DataParallelWithCallback: expected distinct device_ids, got \['cuda:1', 0, 'cuda:1'\] "
+                 r"\(device 1 repeated\)"),
+    ("patching a DataParallel that repeats a device",
+     lambda: patch_replication_callback(_dp_claiming_devices([1, 1])), ValueError,
+     r"patch_replication_callback: expected distinct device_ids, got \[1, 1\] \(device 1 repeated\); "
+     r"replicas on one device share that device's autograd thread"),
+]
+
+
+@pytest.mark.parametrize(("call", "exc", "message"), [case[1:] for case in USER_MISTAKES],
+                         ids=[case[0] for case in USER_MISTAKES])
+def test_user_mistakes_are_named_at_the_call(call, exc, message):
+    with pytest.raises(exc, match=message):
+        call()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine must see no GPU")
+@pytest.mark.parametrize("device_ids", [[0, 1], [0], ["cuda:0", "cuda:1"]])
+def test_gpus_named_on_a_machine_without_gpus_are_refused(device_ids):
+    with pytest.raises(ValueError, match=(
+            rf"DataParallelWithCallback: device_ids={re.escape(repr(device_ids))} names {len(device_ids)} "
+            r"GPU\(s\), but this machine sees none \(torch.cuda.is_available\(\) is False\), and "
+            r"DataParallel would silently run a single copy of the module on the CPU; pass "
+            r"device_ids=None to run on the CPU")):
+        DataParallelWithCallback(SynchronizedBatchNorm1d(3), device_ids=device_ids)
+    # What the message recommends works.
+    dp = DataParallelWithCallback(SynchronizedBatchNorm1d(3), device_ids=None)
+    assert dp(torch.randn(4, 3)).shape == (4, 3)
+
+
+def test_gpus_beyond_those_visible_are_refused(monkeypatch):
+    import fsyncbn.parallel as parallel
+
+    visible = torch.cuda.device_count()
+    if not visible:  # play a machine with one GPU: the check asks what DataParallel asks
+        monkeypatch.setattr(parallel, "_get_available_device_type", lambda: "cuda")
+        monkeypatch.setattr(parallel, "_get_device_attr", lambda get: 1)
+        visible = 1
+    with pytest.raises(ValueError, match=(
+            rf"DataParallelWithCallback: device_ids=\[0, {visible}\] names cuda device\(s\) \[{visible}\], "
+            rf"but this machine sees {visible} \(indices 0 to {visible - 1}\); pass device_ids=None to use "
+            rf"all of them, or indices below {visible}")):
+        DataParallelWithCallback(SynchronizedBatchNorm1d(3), device_ids=[0, visible])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_repeated_gpu_is_refused_before_any_forward():
+    model = SynchronizedBatchNorm1d(3).cuda()
+    with pytest.raises(ValueError, match="device 0 repeated"):
+        DataParallelWithCallback(model, device_ids=[0, 0])
+    with pytest.raises(ValueError, match="device 0 repeated"):
+        patch_replication_callback(nn.DataParallel(model, device_ids=[0, 0]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fsyncbn.functional import batch_norm, init_state, sync_batch_norm
+from fsyncbn.functional import LocalReducer, batch_norm, init_state, sync_batch_norm
 
 
 def _identity(t):
@@ -63,6 +63,9 @@ BAD_INPUTS = [
     ("reducer not callable", {"reducer": 3}, TypeError,
      r"{fn}: expected reducer to be a callable reducer\(t\) -> sum of t over all participants, "
      r"got int"),
+    ("reducer a class, not an instance", {"reducer": LocalReducer}, TypeError,
+     r"{fn}: expected reducer to be a reducer instance, got the class LocalReducer; "
+     r"pass LocalReducer\(\) instead"),
     ("reducer returns the wrong shape", {"reducer": lambda t: t[:3]}, ValueError,
      r"{fn}: the reducer must return a tensor shaped like its argument \(12,\), got \(3,\)"),
 ]

@@ -1,0 +1,276 @@
+"""Every published figure, made from the results files: benchmarks/README.md and README.md.
+
+The results files are written by the runs themselves: ``python -m benchmarks`` writes
+``benchmarks/results/<device>.json`` (cpu, cuda) and ``python examples/small_batch.py --results
+docs/results/demo.json`` the demo's. This module turns them into benchmarks/README.md (the full
+tables) and into the blocks of README.md between ``<!-- figures:NAME -->`` and
+``<!-- /figures:NAME -->``. Nothing there is edited by hand: a test fails when they disagree.
+
+    python -m benchmarks.report          # rewrite benchmarks/README.md and README.md's figures
+    python -m benchmarks.report --check  # exit 1 where they differ from the results files
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DEMO = ROOT / "docs" / "results" / "demo.json"
+README = ROOT / "README.md"
+BENCHMARKS_README = ROOT / "benchmarks" / "README.md"
+DEVICES = ("cpu", "cuda")  # the order of columns and sections
+
+_SPEED_KEYS = {"shape", "mode", "vs", "ours_us", "theirs_us", "ratio", "low", "high"}
+
+
+# --- the full tables of one results file ------------------------------------------------
+
+
+def _is_speed(row: dict) -> bool:
+    return _SPEED_KEYS <= row.keys() and not row["case"].startswith("d ")
+
+
+def _letter(row: dict) -> str:
+    return row["case"].split()[0]
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def markdown(results: dict) -> str:
+    """The full tables of one run (one results file), as markdown."""
+    lines = [f"Measured on {results['machine']} ({'quick' if results['quick'] else 'full'} run, "
+             f"{results['seconds']:.0f} s). Ratio = fsyncbn / torch: the median over interleaved "
+             "rounds, with the lowest and highest round in brackets; below 1 fsyncbn is faster."]
+    rows = results["rows"]
+    speed = [r for r in rows if _is_speed(r) and _letter(r) != "f"]
+    if speed:
+        lines += ["", "| case | shape | mode | against | fsyncbn us | torch us | ratio (spread) |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['shape']} | {r['mode']} | {r['vs']} | {r['ours_us']:.0f} | "
+                  f"{r['theirs_us']:.0f} | {r['ratio']:.2f} ({r['low']:.2f}-{r['high']:.2f}) |"
+                  for r in speed]
+    memory = [r for r in rows if _letter(r) == "c"]
+    if memory:
+        lines += ["", "| case | shape | torch saved bytes | fsyncbn saved bytes | extra |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['shape']} | {r['torch_bytes']} | {r['fsyncbn_bytes']} | "
+                  f"{r['extra_bytes']} ({r['extra_bytes'] / max(r['channels'], 1):.0f} per channel) |"
+                  for r in memory]
+    ddp = [r for r in rows if _letter(r) == "d"]
+    if ddp:
+        lines += ["", "| case | fsyncbn ms | nn.BatchNorm2d ms | ratio (spread) | BN collectives/step | "
+                  "BN bytes/step | one all_reduce ms | latency floor |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['ours_us'] / 1e3:.1f} | {r['theirs_us'] / 1e3:.1f} | "
+                  f"{r['ratio']:.2f} ({r['low']:.2f}-{r['high']:.2f}) | {r['bn_collectives_per_step']} | "
+                  f"{r['bn_bytes_per_step']} | {r['all_reduce_us'] / 1e3:.2f} | "
+                  f"{r['latency_floor_ratio']:.2f} |" for r in ddp]
+    comm = [r for r in rows if _letter(r) == "e"]
+    if comm:
+        lines += ["", "Numbers per layer and step (a collective counts the numbers in its result: an "
+                  "all_reduce of n numbers n, an all_gather of n from W participants W x n):", "",
+                  "| world size | C | fsyncbn forward | fsyncbn backward | fsyncbn total (bytes) | "
+                  "torch.nn.SyncBatchNorm forward | backward | total (bytes, float32) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['world_size']} | {r['channels']} | {r['fsyncbn_forward']} | "
+                  f"{r['fsyncbn_backward']} | {r['fsyncbn_total']} ({r['fsyncbn_bytes']}) | "
+                  f"{r['torch_forward']} | {r['torch_backward']} | {r['torch_total']} ({r['torch_bytes']}) |"
+                  for r in comm]
+    sync_paths = [r for r in rows if _letter(r) == "f"]
+    lines += _case_f(sync_paths)
+    known = {id(r) for r in speed + memory + ddp + comm + sync_paths}
+    others: dict[str, list[dict]] = {}
+    for row in rows:
+        if id(row) not in known:
+            others.setdefault(_letter(row), []).append(row)
+    for group in others.values():  # cases this module has no layout for: every key a column
+        keys = list(dict.fromkeys(k for r in group for k in r))
+        lines += ["", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(_cell(r.get(k, "")) for k in keys) + " |" for r in group]
+    return "\n".join(lines) + "\n"
+
+
+def _case_f(rows: list[dict]) -> list[str]:
+    """Case f: the synchronised paths per layer (with kernel launches) and per model step."""
+    lines: list[str] = []
+    layer_rows = [r for r in rows if r["case"] == "f layer"]
+    if layer_rows:
+        lines += ["", "| f layer | mode | against | fsyncbn us | theirs us | ratio (spread) | kernels "
+                  "(fsyncbn / theirs) |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['shape']} | {r['mode']} | {r['vs']} | {r['ours_us']:.0f} | {r['theirs_us']:.0f} | "
+                  f"{r['ratio']:.2f} ({r['low']:.2f}-{r['high']:.2f}) | "
+                  f"{r.get('fsyncbn_kernels', '-')} / {r.get('torch_kernels', '-')} |" for r in layer_rows]
+    model_rows = [r for r in rows if r["case"].startswith("f ResNet")]
+    if model_rows:
+        lines += ["", f"| {model_rows[0]['case']} | mode | against | ours ms | theirs ms | ratio (spread) | "
+                  "peak memory ratio |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['ours']} | {r['mode']} | {r['vs']} | {r['ours_us'] / 1e3:.1f} | "
+                  f"{r['theirs_us'] / 1e3:.1f} | {r['ratio']:.2f} ({r['low']:.2f}-{r['high']:.2f}) | "
+                  f"{'-' if r.get('peak_ratio') is None else format(r['peak_ratio'], '.3f')} |"
+                  for r in model_rows]
+    return lines
+
+
+# --- the summaries in README.md -----------------------------------------------------------
+
+
+def _span(values: list[float], digits: int = 2) -> str:
+    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return low if low == high else f"{low} to {high}"
+
+
+def _speed_span(rows: list[dict], case: str, mode: str) -> str | None:
+    ratios = [r["ratio"] for r in rows if _is_speed(r) and _letter(r) == case and r["mode"] == mode]
+    return _span(ratios) if ratios else None
+
+
+def _summary_rows(results: dict) -> dict[str, str]:
+    rows = results["rows"]
+    summary = {
+        "a local layer, eager, against eager nn.BatchNorm": _speed_span(rows, "a", "eager"),
+        "a local layer, compiled, against compiled nn.BatchNorm": _speed_span(rows, "a", "compiled"),
+        "the synchronised path (1 participant), eager, against eager nn.BatchNorm":
+            _speed_span(rows, "b", "eager"),
+        "the synchronised path (1 participant), compiled, against eager nn.BatchNorm":
+            _speed_span(rows, "b", "compiled"),
+    }
+    # Timed cases without a summary line of their own (a new case): one line per case, mode and
+    # reference, over its shapes.
+    for row in rows:
+        if _is_speed(row) and _letter(row) not in "ab":
+            label = f"{row['case']}, {row['mode']}, against {row['vs']}"
+            summary.setdefault(label, _span([r["ratio"] for r in rows if _is_speed(r) and (
+                r["case"], r["mode"], r["vs"]) == (row["case"], row["mode"], row["vs"])]))
+    ddp = [r for r in rows if _letter(r) == "d"]
+    if ddp:
+        summary["a DDP training step (2 gloo processes, 7 BN layers) against nn.BatchNorm2d"] = (
+            _span([r["ratio"] for r in ddp]))
+    memory = [r["extra_bytes"] / max(r["channels"], 1) for r in rows if _letter(r) == "c"]
+    if memory:
+        summary["bytes saved for backward beyond torch's, per channel"] = _span(memory, 0)
+    return {k: v for k, v in summary.items() if v is not None}
+
+
+def performance_block(results_by_device: dict[str, dict]) -> str:
+    """README.md's performance summary: ranges over the shapes of each results file."""
+    devices = [d for d in DEVICES if d in results_by_device]
+    if not devices:
+        return "No results file yet: run `python -m benchmarks`.\n"
+    summaries = {d: _summary_rows(results_by_device[d]) for d in devices}
+    labels = list(dict.fromkeys(label for d in devices for label in summaries[d]))
+    header = [f"{d.upper()}: {results_by_device[d]['machine']}"
+              + (" (quick run)" if results_by_device[d]["quick"] else "") for d in devices]
+    sources = ", ".join(f"`benchmarks/results/{d}.json`" for d in devices)
+    lines = ["Time ratio fsyncbn / torch (below 1: fsyncbn is faster): the lowest and highest median "
+             f"over the benchmark's shapes, from {sources}.", "",
+             "| | " + " | ".join(header) + " |", "|---|" + "---|" * len(devices)]
+    lines += [f"| {label} | " + " | ".join(summaries[d].get(label, "-") for d in devices) + " |"
+              for label in labels]
+    timed = [r for d in devices for r in results_by_device[d]["rows"] if "low" in r and "high" in r]
+    if timed:
+        lines += ["", f"Single rounds ranged from {min(r['low'] for r in timed):.2f} to "
+                  f"{max(r['high'] for r in timed):.2f} (a wide range means a busy machine)."]
+    if "cuda" not in devices:
+        lines += ["", "No GPU results file yet (`python -m benchmarks --device cuda` writes "
+                  "`benchmarks/results/cuda.json`)."]
+    comm = [r for d in devices for r in results_by_device[d]["rows"] if _letter(r) == "e"]
+    if comm:
+        widest = max(comm, key=lambda r: r["world_size"])
+        lines += ["", f"Communication per layer and step, {widest['world_size']} participants, "
+                  f"C = {widest['channels']}: fsyncbn {widest['fsyncbn_total']} numbers "
+                  f"({widest['fsyncbn_forward']} forward + {widest['fsyncbn_backward']} backward, "
+                  f"{widest['fsyncbn_bytes']} bytes) at every world size; torch.nn.SyncBatchNorm "
+                  f"{widest['torch_total']} ({widest['torch_forward']} + {widest['torch_backward']}, "
+                  f"{widest['torch_bytes']} bytes in float32), growing with the world size."]
+    return "\n".join(lines) + "\n"
+
+
+def demo_block(demo: dict) -> str:
+    """README.md's demo table, from the demo's results file."""
+    s = demo["settings"]
+    names = [run["name"] for run in demo["runs"]]
+    lines = [f"Measured on {demo['machine']}: {s['epochs']} epochs, {s['steps']} steps, float64, "
+             f"{demo['seconds']:.0f} s for the three runs (from `docs/results/demo.json`).", "",
+             "| run | test accuracy | training loss (mean of the last 50 steps) |", "|---|---|---|"]
+    lines += [f"| {run['name']} | {run['test_accuracy']:.3f} | {run['loss_last_50']:.3f} |"
+              for run in demo["runs"]]
+    lines += ["", f"The loss curves of {names[1].split(' ')[0]} and {names[2].split(' ')[0]} differ by at "
+              f"most {demo['largest_loss_gap_ii_iii']:.1e} over the {s['steps']} steps."]
+    return "\n".join(lines) + "\n"
+
+
+# --- the files ---------------------------------------------------------------------------
+
+
+def load_results() -> dict[str, dict]:
+    """The benchmark results files present, by device."""
+    return {d: json.loads((RESULTS / f"{d}.json").read_text())
+            for d in DEVICES if (RESULTS / f"{d}.json").is_file()}
+
+
+def benchmarks_readme(results_by_device: dict[str, dict]) -> str:
+    parts = [
+        "# Benchmarks\n",
+        "Generated by `python -m benchmarks.report` from `benchmarks/results/*.json`, which "
+        "`python -m benchmarks` writes; do not edit by hand. The same command fills the figures in "
+        "the top-level README, also from `docs/results/demo.json`, which `python examples/small_batch.py "
+        "--out docs/small_batch.png --results docs/results/demo.json` writes.\n",
+        "`python -m benchmarks` (`--quick` for fewer rounds and shapes, `--device cuda` on a GPU, "
+        "`--cases a,c` to choose) times each case against torch in the same run, interleaved. "
+        "Cases: (a) one layer's forward + backward against nn.BatchNorm, eager and compiled; "
+        "(b) the synchronised path with one participant against eager nn.BatchNorm; (c) bytes "
+        "saved for backward; (d) a DDP training step, 2 gloo processes, a conv net with 7 BN "
+        "layers; (e) numbers sent per layer and step against the world size.\n",
+    ]
+    for device in DEVICES:
+        if device in results_by_device:
+            parts += [f"## {device.upper()}\n", markdown(results_by_device[device])]
+    return "\n".join(parts)
+
+
+def fill_blocks(text: str, blocks: dict[str, str]) -> str:
+    """``text`` with each ``<!-- figures:NAME -->`` ... ``<!-- /figures:NAME -->`` refilled."""
+    for name, body in blocks.items():
+        pattern = re.compile(rf"(<!-- figures:{name} -->\n).*?(<!-- /figures:{name} -->)", re.S)
+        if not pattern.search(text):
+            raise ValueError(f"fill_blocks: no <!-- figures:{name} --> ... <!-- /figures:{name} --> block")
+        text = pattern.sub(lambda m, body=body: m[1] + body + m[2], text)
+    return text
+
+
+def expected_files() -> dict[Path, str]:
+    """What benchmarks/README.md and README.md must read, given the results files."""
+    results = load_results()
+    blocks = {"performance": performance_block(results)}
+    if DEMO.is_file():
+        blocks["demo"] = demo_block(json.loads(DEMO.read_text()))
+    return {BENCHMARKS_README: benchmarks_readme(results),
+            README: fill_blocks(README.read_text(), blocks)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report files that are out of date")
+    args = parser.parse_args(argv)
+    stale = []
+    for path, text in expected_files().items():
+        current = path.read_text() if path.is_file() else ""
+        if current != text:
+            stale.append(path)
+            if not args.check:
+                path.write_text(text)
+    for path in stale:
+        print(f"{'out of date' if args.check else 'rewritten'}: {path.relative_to(ROOT)}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
