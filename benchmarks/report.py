@@ -51,7 +51,7 @@ def markdown(results: dict) -> str:
              f"{results['seconds']:.0f} s). Ratio = fsyncbn / torch: the median over interleaved "
              "rounds, with the lowest and highest round in brackets; below 1 fsyncbn is faster."]
     rows = results["rows"]
-    speed = [r for r in rows if _is_speed(r) and _letter(r) != "f"]
+    speed = [r for r in rows if _is_speed(r) and r["case"] != "f layer"]
     if speed:
         lines += ["", "| case | shape | mode | against | fsyncbn us | torch us | ratio (spread) |",
                   "|---|---|---|---|---|---|---|"]
@@ -84,7 +84,7 @@ def markdown(results: dict) -> str:
                   f"{r['fsyncbn_backward']} | {r['fsyncbn_total']} ({r['fsyncbn_bytes']}) | "
                   f"{r['torch_forward']} | {r['torch_backward']} | {r['torch_total']} ({r['torch_bytes']}) |"
                   for r in comm]
-    sync_paths = [r for r in rows if _letter(r) == "f"]
+    sync_paths = [r for r in rows if r["case"] == "f layer" or r["case"].startswith("f ResNet")]
     lines += _case_f(sync_paths)
     known = {id(r) for r in speed + memory + ddp + comm + sync_paths}
     others: dict[str, list[dict]] = {}

@@ -41,7 +41,7 @@ def test_summary_includes_a_new_timed_case():
                "rows": [{**row, "ratio": 0.5}, {**row, "shape": "t", "ratio": 0.75}]}
     block = report.performance_block({"cuda": results})
     assert "| f layer, eager, against torch sync | 0.50 to 0.75 |" in block
-    assert "| f layer | s | eager | torch sync | 1 | 2 | 0.50 (0.40-0.60) |" in report.markdown(results)
+    assert "| s | eager | torch sync | 1 | 2 | 0.50 (0.40-0.60) | - / - |" in report.markdown(results)
 
 
 def test_report_shows_a_case_it_has_no_layout_for():
