@@ -8,6 +8,7 @@ helpers of Synchronized-BatchNorm-PyTorch and torch.nn.SyncBatchNorm.
 from . import functional, reducers, replicas
 from .convert import convert_model, patch_sync_batchnorm, revert_model
 from .functional.agreement import SynchronizationError
+from .groups import sync_groups
 from .modules import (
     SyncBatchNorm,
     SynchronizedBatchNorm1d,
@@ -48,4 +49,5 @@ __all__ = [
     "revert_model",
     "roll_back_step",
     "set_sbn_eps_mode",
+    "sync_groups",
 ]
