@@ -9,6 +9,7 @@ from . import functional, reducers, replicas
 from .convert import convert_model, patch_sync_batchnorm, revert_model
 from .functional.agreement import SynchronizationError
 from .groups import sync_groups
+from .join import Join
 from .modules import (
     SyncBatchNorm,
     SynchronizedBatchNorm1d,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DataParallelWithCallback",
+    "Join",
     "LocalReducer",
     "ProcessGroupReducer",
     "ReplicaGroup",

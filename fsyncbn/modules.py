@@ -35,6 +35,7 @@ from .functional.agreement import SynchronizationError
 from .functional.checks import EPS_MODES, check_hyperparameters
 from .functional.ops import run_batch_norm
 from .functional.state import STATE_KEYS, State, check_num_features
+from .join import announced_reducer
 from .reducers import ProcessGroupReducer
 from .replicas import ReplicaGroup
 from .step_journal import StepJournal, journal_for, roll_back_thread
@@ -282,6 +283,9 @@ class SynchronizedBatchNormBase(_BatchNorm):
             group, replica = self._replica
             return _Route(group.reducer(replica), False, None)
         if dist.is_available() and dist.is_initialized():
+            announced = announced_reducer(self)  # inside fsyncbn.Join: see fsyncbn.join
+            if announced is not None:
+                return _Route(announced, True, None)
             group = self.process_group
             if dist.get_world_size(group) > 1:
                 if torch.compiler.is_compiling():

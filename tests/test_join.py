@@ -1,0 +1,134 @@
+"""fsyncbn.Join: DDP on uneven data (ranks holding 5, 3 and 0 batches) with synchronized batch norm.
+After every step the running statistics and weights equal one process training on the union of the
+batches present at that step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import fsyncbn
+from tests.distributed import spawn
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+BATCHES = [5, 3, 0]  # batches per rank
+SIZES = [3, 2, 4]  # samples per batch, per rank
+NO_BN_STEP = 2  # a step that calls no synchronized layer
+EVAL_AFTER = 1  # an eval forward after this step
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.fc1 = nn.Linear(4, 6)
+        self.bn1 = nn.BatchNorm1d(6, momentum=None)
+        self.fc2 = nn.Linear(6, 3)
+        self.use_bn = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        x = self.bn2(x) if self.use_bn else x
+        x = torch.relu(self.fc1(x.mean((2, 3))))
+        return self.fc2(self.bn1(x) if self.use_bn else x)
+
+
+def _data(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Rank ``rank``'s batch at ``step`` and its output gradient, or None once it has run out."""
+    if step >= BATCHES[rank]:
+        return None
+    gen = torch.Generator().manual_seed(100 * step + rank)
+    x = (1 + rank) * torch.randn(SIZES[rank], 3, 5, 5, dtype=torch.float64, generator=gen) + step
+    return x, torch.randn(SIZES[rank], 3, dtype=torch.float64, generator=gen)
+
+
+def _assert_matches(model: nn.Module, reference: nn.Module, what: str) -> None:
+    for (name, t), ref in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(t, ref, rtol=1e-10, atol=1e-10, msg=f"{what}: {name}")
+
+
+def _zero_unused_grads(reference: nn.Module) -> None:
+    """DDP with find_unused_parameters hands unused parameters a zero gradient (momentum still moves them)."""
+    for p in reference.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
+def _uneven_training(rank, world_size):
+    torch.manual_seed(0)
+    reference = Net().double()
+    model = fsyncbn.convert_model(copy.deepcopy(reference))
+    ddp = DDP(model, find_unused_parameters=True)  # one step leaves the batch-norm parameters out
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    with fsyncbn.Join([ddp, optimizer]):
+        for step in range(BATCHES[rank]):
+            model.use_bn = reference.use_bn = step != NO_BN_STEP
+            x, g = _data(step, rank)
+            optimizer.zero_grad()
+            (ddp(x) * g).sum().backward()
+            optimizer.step()
+            # The reference: one process on the union of the batches present at this step. DDP
+            # under Join divides the gradients' sum by the initial world size.
+            present = [d for d in (_data(step, r) for r in range(world_size)) if d is not None]
+            ref_optimizer.zero_grad()
+            (reference(torch.cat([d[0] for d in present])) * torch.cat([d[1] for d in present])).sum().div(
+                world_size).backward()
+            _zero_unused_grads(reference)
+            ref_optimizer.step()
+            _assert_matches(model, reference, f"rank {rank} after step {step}")
+            if step == EVAL_AFTER:  # an eval forward: no synchronisation, no backward
+                ddp.eval()
+                reference.eval()
+                with ddp.no_sync(), torch.no_grad():
+                    torch.testing.assert_close(ddp(x + 1), reference(x + 1), rtol=1e-10, atol=1e-10)
+                ddp.train()
+                reference.train()
+    # Ranks that joined shadowed the others; DDP then copies the last rank's model everywhere.
+    if rank != 0:  # rank 0 trained to the end: its reference is complete; the others catch up
+        for step in range(BATCHES[rank], BATCHES[0]):
+            model.use_bn = reference.use_bn = step != NO_BN_STEP
+            present = [d for d in (_data(step, r) for r in range(world_size)) if d is not None]
+            ref_optimizer.zero_grad()
+            (reference(torch.cat([d[0] for d in present])) * torch.cat([d[1] for d in present])).sum().div(
+                world_size).backward()
+            _zero_unused_grads(reference)
+            ref_optimizer.step()
+    _assert_matches(model, reference, f"rank {rank} after the Join")
+    # The private group is left idle: plain training and another Join work as before.
+    model.use_bn = True
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    ddp(x).sum().backward()
+    dist.barrier()
+
+
+def test_uneven_batches_train_as_the_union():
+    spawn(3, _uneven_training, timeout_s=120)
+
+
+def _early_termination(rank, world_size):
+    torch.manual_seed(0)
+    ddp = DDP(fsyncbn.convert_model(Net().double()))
+    with pytest.raises(RuntimeError, match="exhausted"):
+        with fsyncbn.Join([ddp], throw_on_early_termination=True):
+            for step in range(BATCHES[rank]):
+                x, g = _data(step, rank)
+                (ddp(x) * g).sum().backward()
+    dist.barrier()  # every rank raised; no collective is left pending
+
+
+def test_throw_on_early_termination_raises_on_every_rank():
+    spawn(3, _early_termination, timeout_s=60)
+
+
+def test_join_needs_a_torch_joinable():
+    with pytest.raises(ValueError, match=r"fsyncbn.Join: expected at least one torch Joinable .* "
+                                         r"got \['Linear'\]"):
+        fsyncbn.Join([nn.Linear(2, 2)])
