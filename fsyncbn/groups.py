@@ -54,7 +54,10 @@ def sync_groups(
     Example (on every rank, after ``init_process_group``; not run here)::
 
         group = fsyncbn.sync_groups(group_size=4)      # or sync_groups(per_node=True)
-        model = DDP(fsyncbn.convert_model(model, process_group=group))
+        model = DDP(fsyncbn.convert_model(model, process_group=group), forward_sync_buffers=False)
+
+    DDP's buffer broadcast (on by default; ``broadcast_buffers=False`` before torch 2.13) would
+    copy rank 0's running statistics over the other groups': turn it off with sync groups.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(

@@ -111,6 +111,8 @@ class _PrivateGroup:
 
     def shadow(self) -> None:
         """The joined side: answer every announced sum with zeros until every rank has joined."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # the current device is per thread
         while True:
             announcement = torch.zeros(_ANNOUNCEMENT_SIZE, dtype=torch.float64, device=self.device)
             dist.all_reduce(announcement, group=self.group)

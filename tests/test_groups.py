@@ -10,6 +10,7 @@ import fsyncbn
 from tests.distributed import spawn
 from tests.models import TinyResNet
 from tests.reference import informative_grad
+from tests.test_join import groups_and_join
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -63,6 +64,7 @@ def _two_groups(rank, world_size):
     dist.all_gather(gathered, mean)
     assert torch.equal(gathered[0], gathered[1]) and torch.equal(gathered[2], gathered[3])
     assert (gathered[0] - gathered[2]).abs().min() > 1e-3
+    groups_and_join(rank, group)  # uneven data within each group: see tests/test_join.py
 
 
 def test_two_groups_of_two_each_equal_their_own_union():

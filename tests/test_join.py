@@ -5,6 +5,7 @@ batches present at that step."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -18,7 +19,6 @@ from tests.distributed import spawn
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 BATCHES = [5, 3, 0]  # batches per rank
-SIZES = [3, 2, 4]  # samples per batch, per rank
 NO_BN_STEP = 2  # a step that calls no synchronized layer
 EVAL_AFTER = 1  # an eval forward after this step
 
@@ -40,13 +40,14 @@ class Net(nn.Module):
         return self.fc2(self.bn1(x) if self.use_bn else x)
 
 
-def _data(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _data(step: int, rank: int, batches: list[int] = BATCHES) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Rank ``rank``'s batch at ``step`` and its output gradient, or None once it has run out."""
-    if step >= BATCHES[rank]:
+    if step >= batches[rank]:
         return None
     gen = torch.Generator().manual_seed(100 * step + rank)
-    x = (1 + rank) * torch.randn(SIZES[rank], 3, 5, 5, dtype=torch.float64, generator=gen) + step
-    return x, torch.randn(SIZES[rank], 3, dtype=torch.float64, generator=gen)
+    size = 2 + rank % 3
+    x = (1 + rank) * torch.randn(size, 3, 5, 5, dtype=torch.float64, generator=gen) + step
+    return x, torch.randn(size, 3, dtype=torch.float64, generator=gen)
 
 
 def _assert_matches(model: nn.Module, reference: nn.Module, what: str) -> None:
@@ -107,13 +108,11 @@ def _uneven_training(rank, world_size):
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     ddp(x).sum().backward()
     dist.barrier()
+    _early_termination(rank)
 
 
-def test_uneven_batches_train_as_the_union():
-    spawn(3, _uneven_training, timeout_s=120)
-
-
-def _early_termination(rank, world_size):
+def _early_termination(rank):
+    """throw_on_early_termination=True: every rank raises torch's error, and nothing is left pending."""
     torch.manual_seed(0)
     ddp = DDP(fsyncbn.convert_model(Net().double()))
     with pytest.raises(RuntimeError, match="exhausted"):
@@ -124,8 +123,38 @@ def _early_termination(rank, world_size):
     dist.barrier()  # every rank raised; no collective is left pending
 
 
-def test_throw_on_early_termination_raises_on_every_rank():
-    spawn(3, _early_termination, timeout_s=60)
+def test_uneven_batches_train_as_the_union_and_early_termination_raises_everywhere():
+    spawn(3, _uneven_training, timeout_s=120)
+
+
+NO_BUFFER_SYNC = (
+    {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+    else {"broadcast_buffers": False}
+)
+GROUP_BATCHES = [2, 0, 1, 3]  # batches per rank; sync groups {0, 1} and {2, 3}
+
+
+def groups_and_join(rank: int, group: dist.ProcessGroup) -> None:
+    """Sync groups under Join (run by tests/test_groups.py on its 4 ranks): each group is shadowed on
+    its own private group, and a second Join reuses them."""
+    torch.manual_seed(0)
+    reference = Net().double()
+    # DDP's buffer broadcast would copy one group's statistics over the other's.
+    ddp = DDP(fsyncbn.convert_model(copy.deepcopy(reference), process_group=group), **NO_BUFFER_SYNC)
+    members = dist.get_process_group_ranks(group)
+    for round in range(2):  # a second Join reuses fsyncbn's private groups
+        with fsyncbn.Join([ddp]):
+            for step in range(GROUP_BATCHES[rank]):
+                x, g = _data(step, rank, GROUP_BATCHES)
+                (ddp(x + round) * g).sum().backward()
+                # Each group's statistics: its own union of the batches present at this step.
+                present = [_data(step, r, GROUP_BATCHES)[0] + round
+                           for r in members if step < GROUP_BATCHES[r]]
+                reference(torch.cat(present))
+                torch.testing.assert_close(ddp.module.bn2.running_mean, reference.bn2.running_mean,
+                                           rtol=1e-10, atol=1e-10)
+                torch.testing.assert_close(ddp.module.bn1.running_var, reference.bn1.running_var,
+                                           rtol=1e-10, atol=1e-10)
 
 
 def test_join_needs_a_torch_joinable():
