@@ -64,20 +64,20 @@ _private_cache: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], dist.Proces
 )
 
 
-def announced_reducer(layer: nn.Module) -> Any:
-    """The reducer of ``layer`` inside a :class:`Join` (announce, then sum), or None outside."""
-    private = _announcing.get(layer)
-    return None if private is None else private.reducer
+def announced_reducer(layer: nn.Module) -> _PrivateGroup | None:
+    """The reducer of ``layer`` inside a :class:`Join` (announce, then sum; its ``group`` is
+    fsyncbn's private group), or None outside."""
+    return _announcing.get(layer)
 
 
 class _PrivateGroup:
-    """fsyncbn's own copy of one layer group: active ranks announce and sum, shadows answer."""
+    """fsyncbn's own copy of one layer group: active ranks announce and sum, shadows answer.
+    Called, it is the layers' reducer inside the Join."""
 
     def __init__(self, group: dist.ProcessGroup, device: torch.device) -> None:
         self.group, self.device = group, device
-        self.reducer = self._reduce  # one bound method, kept for the route
 
-    def _reduce(self, t: Tensor) -> Tensor:
+    def __call__(self, t: Tensor) -> Tensor:
         return _AnnouncedSum.apply(t, self)
 
     def announced_sum(self, t: Tensor) -> Tensor:
@@ -163,8 +163,9 @@ class Join(TorchJoin):
     module without DDP) take no part in torch's protocol and are accepted. A model that is
     evaluated inside the block must be run under ``ddp_model.no_sync()`` or outside DDP
     (``ddp_model.module``), as torch's Join requires for any forward without backward. Inside
-    the block every batch-norm sum costs one more small all_reduce (the announcement);
-    ``torch.compile`` of the layers is not supported there; a failed step is not rolled back.
+    the block every batch-norm sum costs one more small all_reduce (the announcement), and
+    ``torch.compile`` of the layers is not supported there. A failed step is rolled back as
+    outside (see :func:`fsyncbn.roll_back_step`).
 
     Args:
         joinables: as torch's; modules among them (DDP or not) are searched for synchronized

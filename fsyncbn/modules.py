@@ -163,12 +163,16 @@ class _JournaledReducer:
     run on another thread), rolls back the step of the journal the forward used, and names
     the layer."""
 
-    def __init__(self, layer: "SynchronizedBatchNormBase", journal: StepJournal) -> None:
+    def __init__(
+        self, layer: "SynchronizedBatchNormBase", journal: StepJournal,
+        reducer: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
         self.layer, self.journal = layer, journal
+        self.reducer = reducer if reducer is not None else layer._process_group_reducer
 
     def __call__(self, t: Tensor) -> Tensor:
         try:
-            return self.layer._process_group_reducer(t)
+            return self.reducer(t)
         except BaseException as exc:
             self.journal.roll_back()
             labelled = self.layer._labelled(exc)
@@ -285,7 +289,8 @@ class SynchronizedBatchNormBase(_BatchNorm):
         if dist.is_available() and dist.is_initialized():
             announced = announced_reducer(self)  # inside fsyncbn.Join: see fsyncbn.join
             if announced is not None:
-                return _Route(announced, True, None)
+                journal = journal_for(announced.group)
+                return _Route(_JournaledReducer(self, journal, announced), True, journal)
             group = self.process_group
             if dist.get_world_size(group) > 1:
                 if torch.compiler.is_compiling():

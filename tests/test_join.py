@@ -5,6 +5,7 @@ batches present at that step."""
 from __future__ import annotations
 
 import copy
+import datetime
 import inspect
 
 import pytest
@@ -14,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fsyncbn
-from tests.distributed import spawn
+from tests.distributed import free_port, spawn
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -155,6 +156,27 @@ def groups_and_join(rank: int, group: dist.ProcessGroup) -> None:
                                            rtol=1e-10, atol=1e-10)
                 torch.testing.assert_close(ddp.module.bn1.running_var, reference.bn1.running_var,
                                            rtol=1e-10, atol=1e-10)
+
+
+def test_a_failed_step_inside_join_is_rolled_back():
+    """One rank in this process: the layers' writes inside the Join are journaled as outside it."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        torch.manual_seed(0)
+        model = fsyncbn.convert_model(nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 5),
+                                                    nn.BatchNorm1d(6)))  # 5 channels reach a 6-channel layer
+        ddp = DDP(model)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match="expected input with 6 channels"):
+            with fsyncbn.Join([ddp]):
+                assert fsyncbn.join.announced_reducer(model[1]) is not None
+                ddp(torch.randn(8, 4))
+        assert fsyncbn.join.announced_reducer(model[1]) is None
+        for key, value in model.state_dict().items():  # model[1] had written its statistics
+            assert torch.equal(value, before[key]), key
+    finally:
+        dist.destroy_process_group()
 
 
 def test_join_needs_a_torch_joinable():
