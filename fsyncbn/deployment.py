@@ -67,7 +67,8 @@ def revert_to_plain(
     example_input: Any = None,
     input_dims: int | Mapping[str, int] | None = None,
 ) -> nn.Module:
-    """Turn every synchronized layer of ``module`` into nn.BatchNorm1d/2d/3d.
+    """Turn every synchronized layer of ``module`` into nn.BatchNorm1d/2d/3d (exact classes:
+    a user subclass keeps its own forward and stays as it is).
 
     SynchronizedBatchNorm1d/2d/3d give their dimension by their class. nn.SyncBatchNorm and
     fsyncbn.SyncBatchNorm take any input rank, so theirs comes from ``input_dims`` or, else,

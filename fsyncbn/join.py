@@ -28,6 +28,14 @@ only announcements and the messages they announce, in one order on every rank, s
 active ranks run the same layers in the same order (as without Join) and the shadows follow
 the announcements. Eval-mode forwards and steps that call no synchronized layer send nothing,
 and so need nothing from the shadows.
+
+Why a subclass of torch's Join rather than a Joinable in its list: a joined rank runs the
+joinables' main hooks one after the other, each iteration. A batch-norm Joinable listed after
+DDP would start answering only once DDP's main hook returns, and that hook waits for gradient
+buckets the active ranks launch only after their batch-norm sums: a deadlock. Listed first, it
+would become the joinable that counts the ranks still training each iteration, in DDP's
+place, and DDP would lose the count it scales gradients with. The subclass starts the shadows
+at the one moment that is right: when this rank leaves its loop, before torch's join loop.
 """
 
 from __future__ import annotations
