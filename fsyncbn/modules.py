@@ -13,7 +13,9 @@ The routes, in training:
 (b) with torch.distributed initialised and ``process_group`` (default WORLD) of size > 1,
     the layer sums over the ranks of that group and *journals* its writes: the values from
     before the step are kept, and restored in every layer of the step if any of them fails
-    (see :mod:`fsyncbn.step_journal`; under torch.compile writes are not journaled);
+    (see :mod:`fsyncbn.step_journal`; under torch.compile writes are not journaled); inside
+    :class:`fsyncbn.Join` the sums are announced, on fsyncbn's own copy of the group, so that
+    ranks out of data can answer them (see :mod:`fsyncbn.join`);
 (c) otherwise nobody: the layer *writes* in place, and is nn.BatchNormXd bit for bit.
 
 In eval mode the running statistics are used and nothing is synchronised or written.
