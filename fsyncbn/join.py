@@ -11,23 +11,25 @@ the union of their batches; only the *schedule* of the sums has to be shadowed.
 The protocol, on a process group of fsyncbn's own per layer group (so that it never
 interleaves with DDP's gradient buckets on the model's group):
 
-- inside :class:`Join`, an active rank's every batch-norm sum (forward and backward) is
-  *announced*: one all_reduce of ``[1, n, n*n, dtype, dtype*dtype]``, then the all_reduce of
-  the ``n`` numbers themselves;
+- inside :class:`Join`, an active rank sends every batch-norm sum (forward and backward) as
+  one float64 all_reduce of fixed size: the header ``[1, n, n*n, dtype, dtype*dtype]``, then
+  its ``n`` numbers, then zeros up to the group's capacity (``2 * C_max + 4``, the largest
+  forward message of the group's layers, agreed by all ranks when the Join is made);
 - a rank that has run out of data starts, before entering torch's join loop, one *shadow*
-  thread per group: it all_reduces zeros in place of the announcement, learns from the sum how
-  many ranks are active and the size and dtype of their message (checked to agree, as with
-  :mod:`fsyncbn.functional.agreement`), and all_reduces that many zeros;
-- when an announcement sums to zero active ranks, every rank of the group has joined: the
-  shadows stop, and the context manager waits for them after torch's join loop.
+  thread per group, which all_reduces zeros of that size over and over: an empty contribution
+  to whatever message the active ranks send, whose size and dtype it never needs to know;
+- the header sums to ``[W, W*n, W*n*n, ...]`` for the ``W`` active ranks: they check that all
+  sent the same size and dtype (as with :mod:`fsyncbn.functional.agreement`); when it sums to
+  zero active ranks, every rank of the group has joined: the shadows stop, and the context
+  manager waits for them after torch's join loop.
 
 It cannot deadlock with DDP: torch's joined rank runs DDP's main hook, which blocks on the
 bucket all_reduces, while its shadow thread answers the batch-norm sums that the active ranks
-must finish before launching those buckets. A rank's collectives on the private group are
-only announcements and the messages they announce, in one order on every rank, since the
-active ranks run the same layers in the same order (as without Join) and the shadows follow
-the announcements. Eval-mode forwards and steps that call no synchronized layer send nothing,
-and so need nothing from the shadows.
+must finish before launching those buckets. Every collective on the private group has the
+same size and dtype, so a shadow matches whatever the active ranks send, in their order (the
+active ranks run the same layers in the same order, as without Join). Eval-mode forwards and
+steps that call no synchronized layer send nothing, and so need nothing from the shadows.
+Messages travel as float64: float32 backward sums come back rounded from a float64 sum.
 
 Why a subclass of torch's Join rather than a Joinable in its list: a joined rank runs the
 joinables' main hooks one after the other, each iteration. A batch-norm Joinable listed after
@@ -58,9 +60,9 @@ from .reducers import is_peer_failure
 
 __all__ = ["Join", "announced_reducer"]
 
-# Message dtypes, numbered for the announcement.
+# Message dtypes, numbered in the header.
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-_ANNOUNCEMENT_SIZE = 5
+_HEADER_SIZE = 5
 # After torch's join loop every rank has started its shadows, which then stop at once.
 _SHADOW_STOP_TIMEOUT_S = 60.0
 
@@ -73,65 +75,64 @@ _private_cache: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], dist.Proces
 
 
 def announced_reducer(layer: nn.Module) -> _PrivateGroup | None:
-    """The reducer of ``layer`` inside a :class:`Join` (announce, then sum; its ``group`` is
-    fsyncbn's private group), or None outside."""
+    """The reducer of ``layer`` inside a :class:`Join` (fixed-size messages with a header; its
+    ``group`` is fsyncbn's private group), or None outside."""
     return _announcing.get(layer)
 
 
 class _PrivateGroup:
-    """fsyncbn's own copy of one layer group: active ranks announce and sum, shadows answer.
-    Called, it is the layers' reducer inside the Join."""
+    """fsyncbn's own copy of one layer group: active ranks send headed messages of ``capacity``
+    numbers, shadows send zeros. Called, it is the layers' reducer inside the Join."""
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device) -> None:
-        self.group, self.device = group, device
+    def __init__(self, group: dist.ProcessGroup, device: torch.device, capacity: int) -> None:
+        self.group, self.device, self.capacity = group, device, capacity
 
     def __call__(self, t: Tensor) -> Tensor:
         return _AnnouncedSum.apply(t, self)
 
     def announced_sum(self, t: Tensor) -> Tensor:
-        """The active side: announce ``t``'s size and dtype, then sum ``t``."""
+        """The active side: the sum of ``t`` over the group, ``t``'s size and dtype checked."""
         size, code = t.numel(), _DTYPES.index(t.dtype)
-        announcement = torch.tensor(
-            (*agreement_header(size), float(code), float(code * code)), dtype=torch.float64,
-            device=t.device,
+        if size > self.capacity:
+            raise ValueError(
+                f"fsyncbn.Join: a batch-norm message of {size} numbers exceeds the {self.capacity} "
+                "this Join was made for; make the Join after the model has all its layers"
+            )
+        message = torch.zeros(_HEADER_SIZE + self.capacity, dtype=torch.float64, device=t.device)
+        message[:_HEADER_SIZE] = torch.tensor(
+            (*agreement_header(size), float(code), float(code * code)), dtype=torch.float64
         )
+        message[_HEADER_SIZE:_HEADER_SIZE + size] = t.detach().reshape(-1)
         try:
-            dist.all_reduce(announcement, group=self.group)
-            active, total, total_square, codes, codes_square = announcement.tolist()
-            if (total, total_square, codes, codes_square) != (
-                active * size, active * size * size, active * code, active * code * code
-            ):
-                raise SynchronizationError(
-                    f"fsyncbn.Join: the active ranks are out of step: this rank sums {size} numbers "
-                    f"of {t.dtype}, the {active:g} active ranks average {total / active:g} numbers "
-                    "(a rank skipped a synchronized layer, called one again, or has another C)"
-                )
-            total_sum = t.contiguous().clone()
-            dist.all_reduce(total_sum, group=self.group)
-            return total_sum
+            dist.all_reduce(message, group=self.group)
         except (RuntimeError, dist.DistError) as exc:
-            if isinstance(exc, SynchronizationError) or not is_peer_failure(exc):
+            if not is_peer_failure(exc):
                 raise
             raise SynchronizationError(
                 f"fsyncbn.Join: a batch-norm sum failed: a rank died, hung past the process group's "
                 f"timeout, or left without fsyncbn.Join ({type(exc).__name__}: {exc})"
             ) from exc
+        active, total, total_square, codes, codes_square = message[:_HEADER_SIZE].tolist()
+        if (total, total_square, codes, codes_square) != (
+            active * size, active * size * size, active * code, active * code * code
+        ):
+            raise SynchronizationError(
+                f"fsyncbn.Join: the active ranks are out of step: this rank sums {size} numbers "
+                f"of {t.dtype}, the {active:g} active ranks average {total / active:g} numbers "
+                "(a rank skipped a synchronized layer, called one again, or has another C)"
+            )
+        return message[_HEADER_SIZE:_HEADER_SIZE + size].to(t.dtype).reshape(t.shape)
 
     def shadow(self) -> None:
-        """The joined side: answer every announced sum with zeros until every rank has joined."""
+        """The joined side: send zeros, an empty contribution to every message of the active
+        ranks, until every rank of the group has joined."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # the current device is per thread
         while True:
-            announcement = torch.zeros(_ANNOUNCEMENT_SIZE, dtype=torch.float64, device=self.device)
-            dist.all_reduce(announcement, group=self.group)
-            active, total, total_square, codes, codes_square = announcement.tolist()
-            if active == 0:
+            message = torch.zeros(_HEADER_SIZE + self.capacity, dtype=torch.float64, device=self.device)
+            dist.all_reduce(message, group=self.group)
+            if message[0].item() == 0:
                 return
-            size, code = total / active, codes / active
-            if total_square != active * size * size or codes_square != active * code * code:
-                continue  # the active ranks disagree: they raise and send no message
-            zeros = torch.zeros(int(size), dtype=_DTYPES[int(code)], device=self.device)
-            dist.all_reduce(zeros, group=self.group)
 
 
 class _AnnouncedSum(torch.autograd.Function):
@@ -171,8 +172,9 @@ class Join(TorchJoin):
     module without DDP) take no part in torch's protocol and are accepted. A model that is
     evaluated inside the block must be run under ``ddp_model.no_sync()`` or outside DDP
     (``ddp_model.module``), as torch's Join requires for any forward without backward. Inside
-    the block every batch-norm sum costs one more small all_reduce (the announcement), and
-    ``torch.compile`` of the layers is not supported there. A failed step is rolled back as
+    the block every batch-norm sum is padded to the size of the group's largest one (one
+    all_reduce of ``2 * C_max + 9`` float64 numbers), and ``torch.compile`` of the layers is
+    not supported there. A failed step is rolled back as
     outside (see :func:`fsyncbn.roll_back_step`).
 
     Args:
@@ -274,12 +276,17 @@ def _private_groups(layers: list[nn.Module]) -> dict[nn.Module, _PrivateGroup]:
     rank lists and all create every group in one sorted order."""
     world = dist.group.WORLD
     mine = {}
+    widest: dict[tuple[int, ...], int] = {}  # the most channels of a layer, per group
     for layer in layers:
         group = world if layer.process_group is None else layer.process_group
-        mine[layer] = tuple(dist.get_process_group_ranks(group))
+        ranks = mine[layer] = tuple(dist.get_process_group_ranks(group))
+        widest[ranks] = max(widest.get(ranks, 0), layer.num_features)
     everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, sorted(set(mine.values())))
-    all_lists = sorted({tuple(ranks) for lists in everyone for ranks in lists})
+    dist.all_gather_object(everyone, sorted(widest.items()))
+    for entries in everyone:  # the capacity every rank of a group agrees on
+        for ranks, channels in entries:
+            widest[tuple(ranks)] = max(widest.get(tuple(ranks), 0), channels)
+    all_lists = sorted({tuple(ranks) for entries in everyone for ranks, _ in entries})
     cache = _private_cache.setdefault(world, {})
     timeout = _timeout_of(world)
     for ranks in all_lists:
@@ -289,7 +296,8 @@ def _private_groups(layers: list[nn.Module]) -> dict[nn.Module, _PrivateGroup]:
     result = {}
     for layer, ranks in mine.items():
         if ranks not in privates:
-            privates[ranks] = _PrivateGroup(cache[ranks], _device_of(layer))
+            # The forward message, 2C + 4 numbers, is the largest (backward: 2C).
+            privates[ranks] = _PrivateGroup(cache[ranks], _device_of(layer), 2 * widest[ranks] + 4)
         result[layer] = privates[ranks]
     return result
 
