@@ -19,7 +19,7 @@ from tests.distributed import free_port, spawn
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-BATCHES = [5, 3, 0]  # batches per rank
+BATCHES = [3, 5, 0]  # batches per rank: rank 0, DDP's first choice to broadcast from, leaves early
 NO_BN_STEP = 2  # a step that calls no synchronized layer
 EVAL_AFTER = 1  # an eval forward after this step
 
@@ -94,15 +94,15 @@ def _uneven_training(rank, world_size):
                 ddp.train()
                 reference.train()
     # Ranks that joined shadowed the others; DDP then copies the last rank's model everywhere.
-    if rank != 0:  # rank 0 trained to the end: its reference is complete; the others catch up
-        for step in range(BATCHES[rank], BATCHES[0]):
-            model.use_bn = reference.use_bn = step != NO_BN_STEP
-            present = [d for d in (_data(step, r) for r in range(world_size)) if d is not None]
-            ref_optimizer.zero_grad()
-            (reference(torch.cat([d[0] for d in present])) * torch.cat([d[1] for d in present])).sum().div(
-                world_size).backward()
-            _zero_unused_grads(reference)
-            ref_optimizer.step()
+    # The reference of the rank that trained to the end is complete; the others catch up.
+    for step in range(BATCHES[rank], max(BATCHES)):
+        model.use_bn = reference.use_bn = step != NO_BN_STEP
+        present = [d for d in (_data(step, r) for r in range(world_size)) if d is not None]
+        ref_optimizer.zero_grad()
+        (reference(torch.cat([d[0] for d in present])) * torch.cat([d[1] for d in present])).sum().div(
+            world_size).backward()
+        _zero_unused_grads(reference)
+        ref_optimizer.step()
     _assert_matches(model, reference, f"rank {rank} after the Join")
     # The private group is left idle: plain training and another Join work as before.
     model.use_bn = True
