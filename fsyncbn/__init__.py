@@ -8,6 +8,8 @@ helpers of Synchronized-BatchNorm-PyTorch and torch.nn.SyncBatchNorm.
 from . import functional, reducers, replicas
 from .convert import convert_model, patch_sync_batchnorm, revert_model
 from .functional.agreement import SynchronizationError
+from .groups import sync_groups
+from .join import Join
 from .modules import (
     SyncBatchNorm,
     SynchronizedBatchNorm1d,
@@ -29,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DataParallelWithCallback",
+    "Join",
     "LocalReducer",
     "ProcessGroupReducer",
     "ReplicaGroup",
@@ -48,4 +51,5 @@ __all__ = [
     "revert_model",
     "roll_back_step",
     "set_sbn_eps_mode",
+    "sync_groups",
 ]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch.distributed as dist
 from torch import nn
 
+from .deployment import revert_to_plain
 from .modules import (
     SyncBatchNorm,
     SynchronizedBatchNorm1d,
@@ -107,15 +108,35 @@ def convert_model(module: nn.Module, process_group: dist.ProcessGroup | None = N
     return converted
 
 
-def revert_model(module: nn.Module) -> nn.Module:
+def revert_model(
+    module: nn.Module,
+    to_plain: bool = False,
+    *,
+    example_input: Any = None,
+    input_dims: int | Mapping[str, int] | None = None,
+) -> nn.Module:
     """Undo :func:`convert_model`: the torch classes it replaced come back (for export).
 
     SynchronizedBatchNorm1d/2d/3d become nn.BatchNorm1d/2d/3d, fsyncbn.SyncBatchNorm becomes
     nn.SyncBatchNorm (keeping its process_group), DataParallelWithCallback becomes
     nn.DataParallel. Tensors are shared as in convert_model. A layer with
     ``eps_mode="clamp"`` has no torch equivalent; it is reverted with a warning.
+
+    With ``to_plain=True`` every synchronized layer, torch's nn.SyncBatchNorm included,
+    becomes nn.BatchNorm1d/2d/3d instead (for TorchScript, ONNX, inference); the dimension of
+    a SyncBatchNorm comes from ``input_dims`` or a dry run on ``example_input``: see
+    :func:`fsyncbn.deployment.revert_to_plain`.
+
+    Example:
+        >>> import torch, fsyncbn
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.SyncBatchNorm(4))
+        >>> plain = revert_model(net, to_plain=True, example_input=torch.randn(2, 3, 5, 5))
+        >>> type(plain[1]).__name__
+        'BatchNorm2d'
     """
     _require_module("revert_model", module)
+    if to_plain:
+        module = revert_to_plain(module, example_input=example_input, input_dims=input_dims)
     if isinstance(module, DataParallelWithCallback):
         return _rewrap_data_parallel(module, revert_model(module.module), nn.DataParallel)
     reverted = module

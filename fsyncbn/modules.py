@@ -13,7 +13,9 @@ The routes, in training:
 (b) with torch.distributed initialised and ``process_group`` (default WORLD) of size > 1,
     the layer sums over the ranks of that group and *journals* its writes: the values from
     before the step are kept, and restored in every layer of the step if any of them fails
-    (see :mod:`fsyncbn.step_journal`; under torch.compile writes are not journaled);
+    (see :mod:`fsyncbn.step_journal`; under torch.compile writes are not journaled); inside
+    :class:`fsyncbn.Join` the sums are announced, on fsyncbn's own copy of the group, so that
+    ranks out of data can answer them (see :mod:`fsyncbn.join`);
 (c) otherwise nobody: the layer *writes* in place, and is nn.BatchNormXd bit for bit.
 
 In eval mode the running statistics are used and nothing is synchronised or written.
@@ -35,6 +37,7 @@ from .functional.agreement import SynchronizationError
 from .functional.checks import EPS_MODES, check_hyperparameters
 from .functional.ops import run_batch_norm
 from .functional.state import STATE_KEYS, State, check_num_features
+from .join import announced_reducer
 from .reducers import ProcessGroupReducer
 from .replicas import ReplicaGroup
 from .step_journal import StepJournal, journal_for, roll_back_thread
@@ -165,12 +168,16 @@ class _JournaledReducer:
     run on another thread), rolls back the step of the journal the forward used, and names
     the layer."""
 
-    def __init__(self, layer: "SynchronizedBatchNormBase", journal: StepJournal) -> None:
+    def __init__(
+        self, layer: "SynchronizedBatchNormBase", journal: StepJournal,
+        reducer: Callable[[Tensor], Tensor] | None = None,
+    ) -> None:
         self.layer, self.journal = layer, journal
+        self.reducer = reducer if reducer is not None else layer._process_group_reducer
 
     def __call__(self, t: Tensor) -> Tensor:
         try:
-            return self.layer._process_group_reducer(t)
+            return self.reducer(t)
         except BaseException as exc:
             self.journal.roll_back()
             labelled = self.layer._labelled(exc)
@@ -296,6 +303,10 @@ class SynchronizedBatchNormBase(_BatchNorm):
             group, replica = self._replica
             return _Route(group.reducer(replica), False, None)
         if dist.is_available() and dist.is_initialized():
+            announced = announced_reducer(self)  # inside fsyncbn.Join: see fsyncbn.join
+            if announced is not None:
+                journal = journal_for(announced.group)
+                return _Route(_JournaledReducer(self, journal, announced), True, journal)
             group = self.process_group
             if dist.get_world_size(group) > 1:
                 if torch.compiler.is_compiling():
