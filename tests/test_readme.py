@@ -24,6 +24,9 @@ def test_readme_has_python_blocks():
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs(index):
+    import torch
+
+    torch._dynamo.reset()  # each block runs as a fresh program, not after the suite's compiles
     try:
         exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "readme"})
     finally:
