@@ -22,6 +22,7 @@ In eval mode the running statistics are used and nothing is synchronised or writ
 # No `from __future__ import annotations`: TorchScript reads these annotations at runtime.
 import gc
 import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
@@ -160,17 +161,24 @@ class _Route(NamedTuple):
 class _JournaledReducer:
     """The process-group reducer of one layer call: a failure, also in backward (which may
     run on another thread), rolls back the step of the journal the forward used, and names
-    the layer."""
+    the layer.
+
+    The autograd graph keeps it until the graph is freed (a kept loss keeps it), so it holds
+    the layer weakly: a graph must not keep a dropped model alive.
+    """
 
     def __init__(self, layer: "SynchronizedBatchNormBase", journal: StepJournal) -> None:
-        self.layer, self.journal = layer, journal
+        self.reducer = layer._process_group_reducer
+        self.layer = weakref.ref(layer)
+        self.journal = journal
 
     def __call__(self, t: Tensor) -> Tensor:
         try:
-            return self.layer._process_group_reducer(t)
+            return self.reducer(t)
         except BaseException as exc:
             self.journal.roll_back()
-            labelled = self.layer._labelled(exc)
+            layer = self.layer()
+            labelled = exc if layer is None else layer._labelled(exc)
             if labelled is exc:
                 raise
             raise labelled from exc
