@@ -36,6 +36,7 @@ from .functional.agreement import SynchronizationError
 from .functional.checks import EPS_MODES, check_hyperparameters
 from .functional.ops import run_batch_norm
 from .functional.state import STATE_KEYS, State, check_num_features
+from .recompute import RecomputeCache, is_recomputing, may_be_recomputed
 from .reducers import ProcessGroupReducer
 from .replicas import ReplicaGroup
 from .step_journal import StepJournal, journal_for, roll_back_thread
@@ -156,6 +157,7 @@ class _Route(NamedTuple):
     reducer: Callable[[Tensor], Tensor] | None
     in_place: bool  # the functional op writes the buffers itself
     journal: StepJournal | None
+    commit: bool = True  # False: a checkpoint's recomputation keeps no statistics
 
 
 class _JournaledReducer:
@@ -191,7 +193,7 @@ class SynchronizedBatchNormBase(_BatchNorm):
     # what only Python needs stays out of the script.
     eps_mode: Optional[str]  # noqa: UP045 - TorchScript reads this annotation
     __jit_unused_properties__ = ["process_group"]
-    __jit_ignored_attributes__ = ["_process_group_reducer", "_replica", "_staged_state"]
+    __jit_ignored_attributes__ = ["_process_group_reducer", "_replica", "_staged_state", "_recompute"]
 
     def __init__(
         self,
@@ -275,7 +277,7 @@ class SynchronizedBatchNormBase(_BatchNorm):
             if labelled is exc:
                 raise
             raise labelled from exc
-        if self.training and not route.in_place:
+        if self.training and not route.in_place and route.commit:
             self._staged_state = new_state
         if route.journal is not None:
             route.journal.layer_returns(self, output)
@@ -283,7 +285,27 @@ class SynchronizedBatchNormBase(_BatchNorm):
 
     @torch.jit.unused
     def _route(self) -> _Route:
-        """Pick the reducer and commit policy of this forward (see the module docstring)."""
+        """Pick the reducer and commit policy of this forward (see the module docstring);
+        under activation checkpointing, see :mod:`fsyncbn.recompute`."""
+        route = self._sync_route()
+        if not self.training or torch.compiler.is_compiling():
+            return route
+        if is_recomputing():
+            replay = None if route.reducer is None else self._recompute_cache().replaying(route.reducer)
+            return _Route(replay or route.reducer, False, None, commit=False)
+        if route.reducer is not None and may_be_recomputed():
+            return route._replace(reducer=self._recompute_cache().recording(route.reducer))
+        return route
+
+    @torch.jit.unused
+    def _recompute_cache(self) -> RecomputeCache:
+        cache = self.__dict__.get("_recompute")
+        if cache is None:
+            cache = self.__dict__.setdefault("_recompute", RecomputeCache())
+        return cache
+
+    @torch.jit.unused
+    def _sync_route(self) -> _Route:
         if not self.training:
             return _Route(None, True, None)
         if self._replica is not None:
