@@ -14,7 +14,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from tests.fit_reference import BATCH, STEPS, data, new_net, reference
 
@@ -39,14 +39,20 @@ def fit(out_dir: str, how: str = "plugin"):  # type: ignore[no-untyped-def]
         def configure_optimizers(self):  # type: ignore[no-untyped-def]
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
+        def train_dataloader(self) -> DataLoader:
+            # Lightning's own sampler would shuffle; this one gives rank r the samples r, r+2, ...
+            sampler = DistributedSampler(data(), shuffle=False)
+            return DataLoader(data(), batch_size=BATCH, sampler=sampler)
+
     module = Module()
     trainer = L.Trainer(
         accelerator="cpu", devices=2, precision="64-true", max_steps=STEPS,
         strategy=DDPStrategy(process_group_backend="gloo", timeout=datetime.timedelta(seconds=30)),
         plugins=_plugins(how), logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        use_distributed_sampler=False,
     )
-    trainer.fit(module, DataLoader(data(), batch_size=BATCH))
+    trainer.fit(module)
     classes = [type(m).__name__ for m in module.net.modules()]
     saved = {"state": module.net.state_dict(), "classes": classes}
     torch.save(saved, f"{out_dir}/rank{trainer.global_rank}.pt")
