@@ -22,6 +22,7 @@ In eval mode the running statistics are used and nothing is synchronised or writ
 # No `from __future__ import annotations`: TorchScript reads these annotations at runtime.
 import gc
 import inspect
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
@@ -503,10 +504,27 @@ class SyncBatchNorm(SynchronizedBatchNormBase):
 
         As torch.nn.SyncBatchNorm.convert_sync_batchnorm: parameters and buffers are
         shared with the originals; a batch-norm ``module`` itself is returned converted.
+        Unlike torch's, a subclass (timm's BatchNormAct2d, which adds an activation) is left
+        as it is, with a warning, since a SyncBatchNorm would not compute what it computes;
+        :func:`fsyncbn.convert_model` knows timm's layers and registered ones.
         """
         converted = module
-        if isinstance(module, _BatchNorm) and type(module) is not cls:
+        if type(module) in _PLAIN_BATCH_NORMS:
             converted = cls.from_batchnorm(module, process_group)
+        elif isinstance(module, _BatchNorm) and not isinstance(module, SynchronizedBatchNormBase):
+            warnings.warn(
+                f"SyncBatchNorm.convert_sync_batchnorm: left {type(module).__module__}."
+                f"{type(module).__qualname__} unconverted, since a subclass may compute something else "
+                "than its base class; fsyncbn.convert_model converts timm's layers and those of "
+                "fsyncbn.register_conversion", UserWarning, stacklevel=2,
+            )
         for name, child in module.named_children():
             converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return converted
+
+
+# What convert_sync_batchnorm converts: the classes whose computation a SyncBatchNorm repeats.
+_PLAIN_BATCH_NORMS = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    SynchronizedBatchNorm1d, SynchronizedBatchNorm2d, SynchronizedBatchNorm3d,
+)

@@ -192,6 +192,14 @@ def test_unknown_subclasses_stay_and_are_named_once():
     ]
 
 
+def test_sync_batch_norm_convert_sync_batchnorm_leaves_norm_act_layers_alone():
+    model = NormActNet()
+    with pytest.warns(UserWarning, match=r"convert_sync_batchnorm: left tests.test_integrations_timm."
+                                         r"MimicBatchNormAct2d unconverted"):
+        converted = fsyncbn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(converted.bn1) is MimicBatchNormAct2d and type(converted.bn3) is fsyncbn.SyncBatchNorm
+
+
 def test_lazy_layers_warn_until_initialised_then_convert():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.LazyBatchNorm2d(), nn.LazyBatchNorm1d())
     with pytest.warns(ConversionWarning, match=r"left 2 lazy batch-norm layer\(s\) unsynchronized.*'1', '2'.*"
