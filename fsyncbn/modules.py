@@ -241,6 +241,8 @@ class SynchronizedBatchNormBase(_BatchNorm):
         them (:meth:`commit_staged_state`) once every replica's forward has succeeded.
         """
         self._replica = None if group is None else (group, replica)
+        if group is not None:  # a replica's checkpoint statistics are its own, not its origin's
+            self.__dict__.pop("_recompute", None)
 
     def commit_staged_state(self, keep: bool) -> None:
         """Write the staged running statistics into the buffers (``keep``), or drop them."""
@@ -292,10 +294,13 @@ class SynchronizedBatchNormBase(_BatchNorm):
         if not self.training or torch.compiler.is_compiling():
             return route
         if is_recomputing():
-            replay = None if route.reducer is None else self._recompute_cache().replaying(route.reducer)
+            replay = self._recompute_cache().replaying()
             return _Route(replay or route.reducer, False, None, commit=False)
-        if route.reducer is not None and may_be_recomputed():
-            return route._replace(reducer=self._recompute_cache().recording(route.reducer))
+        if may_be_recomputed():
+            if route.reducer is None:
+                self._recompute_cache().clear()
+            else:
+                return route._replace(reducer=self._recompute_cache().recording(route.reducer))
         return route
 
     @torch.jit.unused

@@ -6,14 +6,16 @@ forward sum (torch's own batch norm double-counts too, in the reentrant mode). H
 
 - A forward that *may* be recomputed (training, with grad disabled, as in the reentrant
   mode's first pass, or with saved-tensor hooks active, as in the non-reentrant mode)
-  remembers its local message and the summed message in a small per-layer cache
-  (:class:`RecomputeCache`, the last few calls, O(C) numbers each).
+  remembers its local message, the summed message and its reducer in a small per-layer
+  cache (:class:`RecomputeCache`, the last few calls, O(C) numbers each). A local forward
+  (nobody to sync with) empties the cache instead: its recomputation needs nothing.
 - A forward that runs while autograd executes a backward *is* a recomputation
   (:func:`is_recomputing`). It commits nothing to the running statistics, and its reducer
   (:class:`_Replay`) answers the forward sum from the cache, without a collective, so the
   recomputed output and saved tensors are exactly the original ones. The backward sums of
-  the recomputed graph (reentrant mode) go to the layer's real reducer: a recomputation
-  costs at most the layer's backward collective, which the step needs anyway.
+  the recomputed graph (reentrant mode) go to the reducer of the original forward (for a
+  DataParallel replica, detached from its replica group by then, the group's): a
+  recomputation costs at most the layer's backward collective, which the step needs anyway.
 
 The cache entry is found by exact equality of the local message, which a deterministic
 recomputation reproduces; if none is equal (a nondeterministic kernel before the layer), the
@@ -57,7 +59,7 @@ class RecomputeCache:
     may be recomputed. Thread-safe (DataParallel replicas share their layer's attributes)."""
 
     def __init__(self, size: int = CACHE_SIZE) -> None:
-        self._entries: collections.deque[tuple[Tensor, Tensor]] = collections.deque(maxlen=size)
+        self._entries: collections.deque[tuple[Tensor, Tensor, Reducer]] = collections.deque(maxlen=size)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -67,28 +69,32 @@ class RecomputeCache:
         # A copy or a pickle of the layer starts empty (and a lock cannot be copied).
         return (RecomputeCache, (self._entries.maxlen,))
 
-    def remember(self, message: Tensor, total: Tensor) -> None:
+    def remember(self, message: Tensor, total: Tensor, reducer: Reducer) -> None:
         with self._lock:
-            self._entries.append((message.detach().clone(), total.detach()))
+            self._entries.append((message.detach().clone(), total.detach(), reducer))
 
-    def lookup(self, message: Tensor) -> Tensor | None:
-        """The summed message of the entry whose local message equals ``message``, else the
-        newest entry's, else None."""
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def lookup(self, message: Tensor) -> tuple[Tensor, Reducer] | None:
+        """(summed message, reducer) of the entry whose local message equals ``message``,
+        else of the newest entry, else None."""
         with self._lock:
             entries = list(self._entries)
-        for local, total in reversed(entries):
+        for local, total, reducer in reversed(entries):
             if local.shape == message.shape and torch.equal(local, message.detach()):
-                return total
-        return entries[-1][1] if entries else None
+                return total, reducer
+        return entries[-1][1:] if entries else None
 
     def recording(self, reducer: Reducer) -> Reducer:
         """``reducer``, remembering the result of its first call (the forward sum)."""
         return _Recording(self, reducer)
 
-    def replaying(self, reducer: Reducer) -> Reducer | None:
+    def replaying(self) -> Reducer | None:
         """A reducer answering the forward sum from the cache, and passing later calls (the
-        backward sums) to ``reducer``; None when the cache is empty."""
-        return _Replay(self, reducer) if len(self) else None
+        backward sums) to the original forward's reducer; None when the cache is empty."""
+        return _Replay(self) if len(self) else None
 
 
 class _Recording:
@@ -99,18 +105,20 @@ class _Recording:
         total = self.reducer(t)
         self.calls += 1
         if self.calls == 1:
-            self.cache.remember(t, total)
+            self.cache.remember(t, total, self.reducer)
         return total
 
 
 class _Replay:
-    def __init__(self, cache: RecomputeCache, reducer: Reducer) -> None:
-        self.cache, self.reducer, self.calls = cache, reducer, 0
+    def __init__(self, cache: RecomputeCache) -> None:
+        self.cache, self.reducer, self.calls = cache, None, 0
 
     def __call__(self, t: Tensor) -> Tensor:
         self.calls += 1
         if self.calls == 1:
-            total = self.cache.lookup(t)
-            if total is not None:
-                return total.clone()
-        return self.reducer(t)
+            found = self.cache.lookup(t)
+            if found is None:
+                raise RuntimeError("a checkpoint's recomputation found its layer's statistics cache emptied")
+            total, self.reducer = found
+            return total.clone()
+        return self.reducer(t)  # type: ignore[misc]

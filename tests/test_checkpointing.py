@@ -20,6 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from fsyncbn import convert_model
 from tests.distributed import spawn
 from tests.reference import informative_grad
+from tests.replicas import replicate, run_replicas
+from tests.threads import raise_first
 
 MODES = [True, False]
 SPLIT = [4, 6]
@@ -84,6 +86,36 @@ def test_checkpointed_layers_equal_an_uncheckpointed_run(use_reentrant):
         for name, grad in _grads(reference).items():
             torch.testing.assert_close(_grads(synced)[name], grad, rtol=1e-12, atol=1e-12, msg=name)
         for key, value in reference.state_dict().items():  # counted once: num_batches_tracked too
+            torch.testing.assert_close(synced.state_dict()[key], value, rtol=1e-12, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("use_reentrant", MODES, ids=["reentrant", "non-reentrant"])
+def test_checkpointed_replicas_equal_the_whole_batch(use_reentrant):
+    """DataParallel replicas (threads): the recomputation happens after the replica left its
+    group, and still replays the group's statistics and sums its backward with the group."""
+    reference = _plain()
+    synced = convert_model(copy.deepcopy(reference))
+    synced.use_reentrant = use_reentrant
+    for step in range(2):
+        x, g = _data(step)
+        reference.zero_grad()
+        synced.zero_grad()
+        out_ref, dx_ref = _step(reference, x, g)
+        replicas = replicate(synced, 2)
+        gs = g.split(SPLIT)
+
+        def backward(i, out, gs=gs):  # type: ignore[no-untyped-def]
+            (out * gs[i]).sum().backward()
+            return out.detach()
+
+        xs = [t.clone().requires_grad_() for t in x.split(SPLIT)]
+        outs = raise_first(run_replicas(replicas, xs, backward))
+        torch.testing.assert_close(torch.cat(outs), out_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.cat([t.grad for t in xs]), dx_ref, rtol=1e-12, atol=1e-12)
+        for name, p in reference.named_parameters():
+            total = sum(r.get_parameter(name).grad for r in replicas)
+            torch.testing.assert_close(total, p.grad, rtol=1e-10, atol=1e-12, msg=name)
+        for key, value in reference.state_dict().items():
             torch.testing.assert_close(synced.state_dict()[key], value, rtol=1e-12, atol=0, msg=key)
 
 
