@@ -41,9 +41,15 @@ Reducer = Callable[[Tensor], Tensor]
 CACHE_SIZE = 8
 
 
+# torch has no public signal for either question; these are the ones torch.utils.checkpoint
+# itself relies on. Without them (another torch), nothing is recomputation-aware.
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+_top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
 def is_recomputing() -> bool:
     """Whether the calling thread runs inside an autograd backward (a checkpoint's recomputation)."""
-    return torch._C._current_graph_task_id() != -1
+    return _graph_task_id is not None and _graph_task_id() != -1
 
 
 def may_be_recomputed() -> bool:
@@ -51,7 +57,7 @@ def may_be_recomputed() -> bool:
     checkpoint's first pass) or saved-tensor hooks active (non-reentrant checkpoint)."""
     if not torch.is_grad_enabled():
         return True
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    return _top_saved_tensors_hooks is not None and _top_saved_tensors_hooks(False) is not None
 
 
 class RecomputeCache:
