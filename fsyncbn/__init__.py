@@ -6,7 +6,7 @@ helpers of Synchronized-BatchNorm-PyTorch and torch.nn.SyncBatchNorm.
 """
 
 from . import functional, reducers, replicas
-from .convert import convert_model, patch_sync_batchnorm, revert_model
+from .convert import ConversionWarning, convert_model, patch_sync_batchnorm, register_conversion, revert_model
 from .functional.agreement import SynchronizationError
 from .groups import sync_groups
 from .join import Join
@@ -30,6 +30,7 @@ from .replicas import ReplicaGroup
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConversionWarning",
     "DataParallelWithCallback",
     "Join",
     "LocalReducer",
@@ -47,6 +48,7 @@ __all__ = [
     "patch_replication_callback",
     "patch_sync_batchnorm",
     "reducers",
+    "register_conversion",
     "replicas",
     "revert_model",
     "roll_back_step",

@@ -24,6 +24,8 @@ In eval mode the running statistics are used and nothing is synchronised or writ
 # No `from __future__ import annotations`: TorchScript reads these annotations at runtime.
 import gc
 import inspect
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
@@ -38,6 +40,7 @@ from .functional.checks import EPS_MODES, check_hyperparameters
 from .functional.ops import run_batch_norm
 from .functional.state import STATE_KEYS, State, check_num_features
 from .join import announced_reducer
+from .recompute import RecomputeCache, is_recomputing, may_be_recomputed
 from .reducers import ProcessGroupReducer
 from .replicas import ReplicaGroup
 from .step_journal import StepJournal, journal_for, roll_back_thread
@@ -158,6 +161,7 @@ class _Route(NamedTuple):
     reducer: Callable[[Tensor], Tensor] | None
     in_place: bool  # the functional op writes the buffers itself
     journal: StepJournal | None
+    commit: bool = True  # False: a checkpoint's recomputation keeps no statistics
 
 
 _LOCAL_ROUTE = _Route(None, True, None)
@@ -166,21 +170,27 @@ _LOCAL_ROUTE = _Route(None, True, None)
 class _JournaledReducer:
     """The process-group reducer of one layer call: a failure, also in backward (which may
     run on another thread), rolls back the step of the journal the forward used, and names
-    the layer."""
+    the layer.
+
+    The autograd graph keeps it until the graph is freed (a kept loss keeps it), so it holds
+    the layer weakly: a graph must not keep a dropped model alive.
+    """
 
     def __init__(
         self, layer: "SynchronizedBatchNormBase", journal: StepJournal,
         reducer: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
-        self.layer, self.journal = layer, journal
         self.reducer = reducer if reducer is not None else layer._process_group_reducer
+        self.layer = weakref.ref(layer)
+        self.journal = journal
 
     def __call__(self, t: Tensor) -> Tensor:
         try:
             return self.reducer(t)
         except BaseException as exc:
             self.journal.roll_back()
-            labelled = self.layer._labelled(exc)
+            layer = self.layer()
+            labelled = exc if layer is None else layer._labelled(exc)
             if labelled is exc:
                 raise
             raise labelled from exc
@@ -193,7 +203,9 @@ class SynchronizedBatchNormBase(_BatchNorm):
     # what only Python needs stays out of the script.
     eps_mode: Optional[str]  # noqa: UP045 - TorchScript reads this annotation
     __jit_unused_properties__ = ["process_group"]
-    __jit_ignored_attributes__ = ["_process_group_reducer", "_replica", "_staged_state", "_validated"]
+    __jit_ignored_attributes__ = [
+        "_process_group_reducer", "_replica", "_staged_state", "_validated", "_recompute",
+    ]
 
     def __init__(
         self,
@@ -241,6 +253,8 @@ class SynchronizedBatchNormBase(_BatchNorm):
         them (:meth:`commit_staged_state`) once every replica's forward has succeeded.
         """
         self._replica = None if group is None else (group, replica)
+        if group is not None:  # a replica's checkpoint statistics are its own, not its origin's
+            self.__dict__.pop("_recompute", None)
 
     def commit_staged_state(self, keep: bool) -> None:
         """Write the staged running statistics into the buffers (``keep``), or drop them."""
@@ -288,7 +302,7 @@ class SynchronizedBatchNormBase(_BatchNorm):
             if labelled is exc:
                 raise
             raise labelled from exc
-        if self.training and not route.in_place:
+        if self.training and not route.in_place and route.commit:
             self._staged_state = new_state
         if route.journal is not None:
             route.journal.layer_returns(self, output)
@@ -296,7 +310,30 @@ class SynchronizedBatchNormBase(_BatchNorm):
 
     @torch.jit.unused
     def _route(self) -> _Route:
-        """Pick the reducer and commit policy of this forward (see the module docstring)."""
+        """Pick the reducer and commit policy of this forward (see the module docstring);
+        under activation checkpointing, see :mod:`fsyncbn.recompute`."""
+        route = self._sync_route()
+        if not self.training or torch.compiler.is_compiling():
+            return route
+        if is_recomputing():
+            replay = self._recompute_cache().replaying()
+            return _Route(replay or route.reducer, False, None, commit=False)
+        if may_be_recomputed():
+            if route.reducer is None:
+                self._recompute_cache().clear()
+            else:
+                return route._replace(reducer=self._recompute_cache().recording(route.reducer))
+        return route
+
+    @torch.jit.unused
+    def _recompute_cache(self) -> RecomputeCache:
+        cache = self.__dict__.get("_recompute")
+        if cache is None:
+            cache = self.__dict__.setdefault("_recompute", RecomputeCache())
+        return cache
+
+    @torch.jit.unused
+    def _sync_route(self) -> _Route:
         if not self.training:
             return _LOCAL_ROUTE
         if self._replica is not None:
@@ -499,10 +536,27 @@ class SyncBatchNorm(SynchronizedBatchNormBase):
 
         As torch.nn.SyncBatchNorm.convert_sync_batchnorm: parameters and buffers are
         shared with the originals; a batch-norm ``module`` itself is returned converted.
+        Unlike torch's, a subclass (timm's BatchNormAct2d, which adds an activation) is left
+        as it is, with a warning, since a SyncBatchNorm would not compute what it computes;
+        :func:`fsyncbn.convert_model` knows timm's layers and registered ones.
         """
         converted = module
-        if isinstance(module, _BatchNorm) and type(module) is not cls:
+        if type(module) in _PLAIN_BATCH_NORMS:
             converted = cls.from_batchnorm(module, process_group)
+        elif isinstance(module, _BatchNorm) and not isinstance(module, SynchronizedBatchNormBase):
+            warnings.warn(
+                f"SyncBatchNorm.convert_sync_batchnorm: left {type(module).__module__}."
+                f"{type(module).__qualname__} unconverted, since a subclass may compute something else "
+                "than its base class; fsyncbn.convert_model converts timm's layers and those of "
+                "fsyncbn.register_conversion", UserWarning, stacklevel=2,
+            )
         for name, child in module.named_children():
             converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         return converted
+
+
+# What convert_sync_batchnorm converts: the classes whose computation a SyncBatchNorm repeats.
+_PLAIN_BATCH_NORMS = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    SynchronizedBatchNorm1d, SynchronizedBatchNorm2d, SynchronizedBatchNorm3d,
+)

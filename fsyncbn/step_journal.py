@@ -37,7 +37,8 @@ class StepJournal:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._saved: dict[int, tuple[weakref.ref[nn.Module], dict[str, Tensor]]] = {}
+        # Weak keys: a dropped model's saved values go with it.
+        self._saved: weakref.WeakKeyDictionary[nn.Module, dict[str, Tensor]] = weakref.WeakKeyDictionary()
         self._opener: weakref.ref[nn.Module] | None = None
         self._opener_output: weakref.ref[Tensor] | None = None
         self._backward_began = False
@@ -64,14 +65,14 @@ class StepJournal:
     def layer_writes(self, layer: nn.Module) -> None:
         """Call just before ``layer`` writes its buffers: keep their values from before the step."""
         with self._lock:
-            if id(layer) not in self._saved:
+            if layer not in self._saved:
                 with torch.no_grad():
                     saved = {
                         name: getattr(layer, name).clone()
                         for name in STATE_KEYS
                         if getattr(layer, name, None) is not None
                     }
-                self._saved[id(layer)] = (weakref.ref(layer), saved)
+                self._saved[layer] = saved
 
     def layer_returns(self, layer: nn.Module, output: Tensor) -> None:
         """Call with a synchronized layer's output: the opener's tells when the step is done."""
@@ -97,11 +98,9 @@ class StepJournal:
         """Restore every buffer written in the current step; the next layer starts a new one."""
         with self._lock:
             with torch.no_grad():
-                for layer_ref, saved in self._saved.values():
-                    layer = layer_ref()
-                    if layer is not None:
-                        for name, value in saved.items():
-                            getattr(layer, name).copy_(value)
+                for layer, saved in list(self._saved.items()):
+                    for name, value in saved.items():
+                        getattr(layer, name).copy_(value)
             self._saved.clear()
             self._opener = None
             self._opener_output = None

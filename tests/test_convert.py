@@ -117,7 +117,8 @@ def test_convert_passes_the_process_group_and_keeps_user_subclasses():
         pass
 
     model = nn.Sequential(MyBN(3), nn.BatchNorm2d(3))
-    converted = convert_model(model)
+    with pytest.warns(fsyncbn.ConversionWarning, match="MyBN at '0'"):
+        converted = convert_model(model)
     assert type(converted[0]) is MyBN and type(converted[1]) is SynchronizedBatchNorm2d
 
 
