@@ -40,7 +40,7 @@ def test_torchvision_resnet18_trains_like_one_model_on_the_whole_batch():
 
 def test_timm_efficientnet_b0_trains_like_one_model_on_the_whole_batch():
     timm = _import_or_skip("timm")
-    from timm.layers import BatchNormAct2d
+    BatchNormAct2d = timm.layers.BatchNormAct2d  # noqa: N806 - the class, by its name
 
     from fsyncbn.integrations.timm import SynchronizedBatchNormAct2d
 

@@ -253,7 +253,7 @@ def test_register_conversion_custom_functions_replace_and_refuse_bad_classes():
 
 def test_timm_registers_itself_when_it_imports():
     timm = pytest.importorskip("timm")
-    from timm.layers import BatchNormAct2d
+    BatchNormAct2d = timm.layers.BatchNormAct2d  # noqa: N806 - the class, by its name
 
     model = nn.Sequential(BatchNormAct2d(4, act_layer=nn.ReLU))
     synced = convert_model(model)
