@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fsyncbn import convert_model
-from tests.distributed import spawn
+from tests.distributed import finish_worker, spawn
 from tests.reference import informative_grad
 from tests.replicas import replicate, run_replicas
 from tests.threads import raise_first
@@ -119,6 +119,19 @@ def test_checkpointed_replicas_equal_the_whole_batch(use_reentrant):
             torch.testing.assert_close(synced.state_dict()[key], value, rtol=1e-12, atol=0, msg=key)
 
 
+def test_a_layer_with_remembered_statistics_copies_and_pickles_without_them():
+    import pickle
+
+    from fsyncbn.recompute import RecomputeCache
+
+    layer = convert_model(nn.BatchNorm1d(3))
+    cache = layer._recompute_cache()
+    cache.remember(torch.ones(5), torch.ones(5), reducer=lambda t: t)
+    for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert isinstance(copied._recompute_cache(), RecomputeCache) and len(copied._recompute_cache()) == 0
+    assert len(cache) == 1
+
+
 def test_torch_batch_norm_double_counts_under_reentrant_checkpointing():
     """Why this matters: nn.BatchNorm's running statistics count a reentrant recomputation."""
     reference, checkpointed = _plain(), _plain()
@@ -172,6 +185,7 @@ def _checkpointed_ranks(rank: int, world_size: int, use_reentrant: bool) -> None
                 assert calls[1] == calls[0] == 4, f"step {step}: all_reduce calls {calls}"
     finally:
         dist.all_reduce = counter.original
+    finish_worker()
 
 
 @pytest.mark.distributed

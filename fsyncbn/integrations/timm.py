@@ -137,7 +137,7 @@ def register_timm() -> bool:
     for name in ("timm.layers.norm_act", "timm.models.layers.norm_act"):
         try:
             norm_act = importlib.import_module(name)
-        except ImportError:
+        except Exception:  # noqa: BLE001 - absent, or built for another torch: timm is not usable
             continue
         register_norm_act(norm_act.BatchNormAct2d, SynchronizedBatchNormAct2d)
         if hasattr(norm_act, "SyncBatchNormAct"):
