@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import threading
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -164,16 +165,11 @@ class ProcessGroupReducer:
             self._assign_tag(group)
         tag = self._tag
         total = _AllReduceSum.apply(torch.cat([self._tag_header, t]), group)
-        summed = total[:3].tolist()
-        average = disagreement(summed, tag)
-        if average is not None:
-            raise SynchronizationError(
-                self._message(
-                    f"the ranks are out of step: this rank is at the layer it first "
-                    f"synchronised as number {tag}, the {summed[0]:g} ranks average {average:g} "
-                    "(a rank skipped a synchronized layer or called one again)"
-                )
-            )
+        self._require_agreement(total[:3].tolist(), tag, lambda ranks, average: (
+            f"the ranks are out of step: this rank is at the layer it first synchronised as "
+            f"number {tag}, the {ranks:g} ranks average {average:g} (a rank skipped a "
+            "synchronized layer or called one again)"
+        ))
         return total[3:]
 
     def _assign_tag(self, group: dist.ProcessGroup) -> None:
@@ -186,17 +182,20 @@ class ProcessGroupReducer:
     def _check_size(self, t: Tensor, group: dist.ProcessGroup) -> None:
         n = t.numel()
         probe = torch.tensor(agreement_header(n), dtype=torch.float64, device=t.device)
-        summed = all_reduce_sum(probe, group).tolist()
-        average = disagreement(summed, n)
-        if average is not None:
-            raise SynchronizationError(
-                self._message(
-                    f"the ranks disagree on the size of the tensor to sum: this rank has {n} "
-                    f"numbers, the {summed[0]:g} ranks average {average:g} (for batch norm: a "
-                    "different number of channels; every rank must give the layer the same C)"
-                )
-            )
+        self._require_agreement(all_reduce_sum(probe, group).tolist(), n, lambda ranks, average: (
+            f"the ranks disagree on the size of the tensor to sum: this rank has {n} numbers, the "
+            f"{ranks:g} ranks average {average:g} (for batch norm: a different number of channels; "
+            "every rank must give the layer the same C)"
+        ))
         self._checked_sizes.add(n)
+
+    def _require_agreement(
+        self, summed: list[float], value: float, explain: Callable[[float, float], str]
+    ) -> None:
+        """Raise SynchronizationError, ``explain(ranks, average)``, unless all ranks sent ``value``."""
+        average = disagreement(summed, value)
+        if average is not None:
+            raise SynchronizationError(self._message(explain(summed[0], average)))
 
     def __deepcopy__(self, memo: dict) -> ProcessGroupReducer:
         # A process group is a handle to shared communicators: copies of a model share it.

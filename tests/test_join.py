@@ -63,6 +63,17 @@ def _zero_unused_grads(reference: nn.Module) -> None:
             p.grad = torch.zeros_like(p)
 
 
+def _reference_step(reference: nn.Module, optimizer, step: int, world_size: int) -> None:
+    """One process on the union of the batches present at ``step``. DDP under Join divides the
+    gradients' sum by the initial world size."""
+    present = [d for d in (_data(step, r) for r in range(world_size)) if d is not None]
+    optimizer.zero_grad()
+    (reference(torch.cat([d[0] for d in present])) * torch.cat([d[1] for d in present])).sum().div(
+        world_size).backward()
+    _zero_unused_grads(reference)
+    optimizer.step()
+
+
 def _uneven_training(rank, world_size):
     torch.manual_seed(0)
     reference = Net().double()
@@ -77,14 +88,7 @@ def _uneven_training(rank, world_size):
             optimizer.zero_grad()
             (ddp(x) * g).sum().backward()
             optimizer.step()
-            # The reference: one process on the union of the batches present at this step. DDP
-            # under Join divides the gradients' sum by the initial world size.
-            present = [d for d in (_data(step, r) for r in range(world_size)) if d is not None]
-            ref_optimizer.zero_grad()
-            (reference(torch.cat([d[0] for d in present])) * torch.cat([d[1] for d in present])).sum().div(
-                world_size).backward()
-            _zero_unused_grads(reference)
-            ref_optimizer.step()
+            _reference_step(reference, ref_optimizer, step, world_size)
             _assert_matches(model, reference, f"rank {rank} after step {step}")
             if step == EVAL_AFTER:  # an eval forward: no synchronisation, no backward
                 ddp.eval()
@@ -97,12 +101,7 @@ def _uneven_training(rank, world_size):
     # The reference of the rank that trained to the end is complete; the others catch up.
     for step in range(BATCHES[rank], max(BATCHES)):
         model.use_bn = reference.use_bn = step != NO_BN_STEP
-        present = [d for d in (_data(step, r) for r in range(world_size)) if d is not None]
-        ref_optimizer.zero_grad()
-        (reference(torch.cat([d[0] for d in present])) * torch.cat([d[1] for d in present])).sum().div(
-            world_size).backward()
-        _zero_unused_grads(reference)
-        ref_optimizer.step()
+        _reference_step(reference, ref_optimizer, step, world_size)
     _assert_matches(model, reference, f"rank {rank} after the Join")
     # The private group is left idle: plain training and another Join work as before.
     model.use_bn = True
