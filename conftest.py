@@ -1,0 +1,9 @@
+"""Collection rules for the whole tree (pytest also imports the package's modules for doctests)."""
+
+import importlib.util
+
+# The fused CUDA path needs Triton, an optional dependency (it ships with CUDA builds of torch).
+collect_ignore = (
+    [] if importlib.util.find_spec("triton") is not None
+    else ["fsyncbn/functional/fused.py", "fsyncbn/functional/triton_kernels.py"]
+)
