@@ -54,13 +54,13 @@ def test_plugin_converts_and_reverts():
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_fit_equals_the_union_reference_and_exits_cleanly_every_time(tmp_path):
-    """10 fits, alternately with the plugin and with a model the user converted, two at a time
-    (most of a fit is importing Lightning in each process)."""
+    """10 fits, alternately with the plugin and with a model the user converted, one at a time
+    (two at a time overloaded 2 cores with 4 processes, the load under which exits used to fail)."""
     reference = fit_reference.reference()
     failures = []
-    for first in range(0, RUNS, 2):
+    for first in range(0, RUNS):
         runs = {}
-        for run in (first, first + 1):
+        for run in (first,):
             how = "plugin" if run % 2 == 0 else "convert"
             (tmp_path / f"run{run}").mkdir()
             runs[run] = (how, _start_fit(tmp_path / f"run{run}", how))
