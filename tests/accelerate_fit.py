@@ -6,6 +6,7 @@ final state_dict to OUT_DIR; tests/fit_reference.py has the single-process refer
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import torch
@@ -31,6 +32,10 @@ def fit(out_dir: str) -> None:
         optimizer.step()
     state = accelerator.unwrap_model(model).state_dict()
     torch.save(state, f"{out_dir}/rank{accelerator.process_index}.pt")
+    # Free the DDP model before the process group goes: one destroyed after it can make gloo
+    # abort the process at exit (docs/integrations.md).
+    del model, optimizer, loader
+    gc.collect()
     accelerator.end_training()  # destroys the process group
 
 

@@ -21,7 +21,7 @@ from tests.fit_reference import BATCH, STEPS, data, new_net, reference
 
 def fit(out_dir: str, how: str = "plugin"):  # type: ignore[no-untyped-def]
     """Fit with the plugin (``how="plugin"``) or with a model converted by the user ("convert");
-    return the module and the trainer, which a script keeps alive until the interpreter exits."""
+    return the module and the trainer."""
     import lightning as L
     from lightning.pytorch.strategies import DDPStrategy
 
@@ -70,5 +70,14 @@ def _plugins(how: str) -> list:
 if __name__ == "__main__":
     if sys.argv[2:] == ["reference"]:
         torch.save(reference(), f"{sys.argv[1]}/reference.pt")
-    else:  # kept as globals, as in a user's script, until the interpreter exits
-        module, trainer = fit(sys.argv[1], *sys.argv[2:])
+    else:
+        fit(sys.argv[1], *sys.argv[2:])
+        # Free the trainer's DDP model before the process group goes (docs/integrations.md): one
+        # destroyed after it, at interpreter exit, can make gloo abort the process.
+        import gc
+
+        import torch.distributed as dist
+
+        gc.collect()
+        if dist.is_initialized():
+            dist.destroy_process_group()
