@@ -68,10 +68,9 @@ _SHADOW_STOP_TIMEOUT_S = 60.0
 
 # The private group of each synchronized layer while it is inside a Join (see _route in modules).
 _announcing: weakref.WeakKeyDictionary[nn.Module, _PrivateGroup] = weakref.WeakKeyDictionary()
-# Private groups, per default group and rank lists, made once (every rank in the same order).
-_private_cache: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], dist.ProcessGroup]] = (
-    weakref.WeakKeyDictionary()
-)
+# Private groups, per default group (by name: no weak reference to a process group, which would
+# run Python while gloo tears it down at exit) and rank lists, made once, in the same order.
+_private_cache: dict[tuple[str, int], dict[tuple[int, ...], dist.ProcessGroup]] = {}
 
 
 def announced_reducer(layer: nn.Module) -> _PrivateGroup | None:
@@ -287,7 +286,7 @@ def _private_groups(layers: list[nn.Module]) -> dict[nn.Module, _PrivateGroup]:
         for ranks, channels in entries:
             widest[tuple(ranks)] = max(widest.get(tuple(ranks), 0), channels)
     all_lists = sorted({tuple(ranks) for entries in everyone for ranks, _ in entries})
-    cache = _private_cache.setdefault(world, {})
+    cache = _private_cache.setdefault((world.group_name, id(world)), {})
     timeout = _timeout_of(world)
     for ranks in all_lists:
         if ranks not in cache:  # the same on every rank: they saw the same lists before

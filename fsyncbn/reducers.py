@@ -44,27 +44,16 @@ def all_reduce_sum(t: Tensor, group: dist.ProcessGroup) -> Tensor:
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """all_reduce(SUM) whose backward is all_reduce(SUM) of the gradients.
-
-    The autograd graph holds the group weakly: a graph that outlives its training (the last
-    loss, kept by a trainer until the interpreter exits) must not keep a process group alive
-    past ``destroy_process_group``, or gloo aborts at exit when it is finally destroyed.
-    """
+    """all_reduce(SUM) whose backward is all_reduce(SUM) of the gradients."""
 
     @staticmethod
     def forward(ctx, t: Tensor, group: dist.ProcessGroup) -> Tensor:  # type: ignore[override]
-        # torch.compile traces the group as a constant of the graph; eager graphs hold it weakly.
-        ctx.group = group if torch.compiler.is_compiling() else weakref.ref(group)
+        ctx.group = group
         return all_reduce_sum(t, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        group = ctx.group() if isinstance(ctx.group, weakref.ref) else ctx.group
-        if group is None:
-            raise SynchronizationError(
-                "the process group of this batch-norm sum was destroyed before the backward ran"
-            )
-        return all_reduce_sum(grad.contiguous(), group), None
+        return all_reduce_sum(grad.contiguous(), ctx.group), None
 
 
 # Words of the backends' errors when a peer failed: it died, closed its connection, did not

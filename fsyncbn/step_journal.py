@@ -107,17 +107,19 @@ class StepJournal:
             self._step += 1
 
 
-# One journal per (process group, thread): groups are weak keys, threads a threading.local.
-_journals: weakref.WeakKeyDictionary[object, threading.local] = weakref.WeakKeyDictionary()
+# One journal per (process group, thread). Groups are named by their group_name: a weak
+# reference to a process group would run Python while gloo tears the group down at exit.
+_journals: dict[object, threading.local] = {}
 _journals_lock = threading.Lock()
 
 
 def journal_for(group: object) -> StepJournal:
     """The journal of ``group`` (a process group) in the calling thread."""
+    key = (getattr(group, "group_name", None), id(group))
     with _journals_lock:
-        per_thread = _journals.get(group)
+        per_thread = _journals.get(key)
         if per_thread is None:
-            per_thread = _journals[group] = threading.local()
+            per_thread = _journals[key] = threading.local()
     journal = getattr(per_thread, "journal", None)
     if journal is None:
         journal = per_thread.journal = StepJournal()
