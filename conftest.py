@@ -2,8 +2,9 @@
 
 import importlib.util
 
-# The fused CUDA path needs Triton, an optional dependency (it ships with CUDA builds of torch).
+# The CUDA path's glue kernels need Triton, an optional dependency (it ships with CUDA builds
+# of torch).
 collect_ignore = (
     [] if importlib.util.find_spec("triton") is not None
-    else ["fsyncbn/functional/fused.py", "fsyncbn/functional/triton_kernels.py"]
+    else ["fsyncbn/functional/paths/cuda_glue.py"]
 )

@@ -135,27 +135,45 @@ def test_replicas_on_cuda_equal_one_model_on_the_whole_batch():
     assert int(model.num_batches_tracked) == 1
 
 
+@pytest.fixture(autouse=True)
+def no_fallback():
+    """On a GPU a fallback from the CUDA sync path is a failure, not a warning."""
+    import warnings
+
+    from fsyncbn.functional.paths import cuda_sync
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*CUDA sync path.*", category=RuntimeWarning)
+        yield
+    assert not cuda_sync._failed, cuda_sync._failed
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("eps_mode", ["plus", "clamp"])
-def test_fused_path_equals_the_composed_path(layout, eps_mode, monkeypatch):
-    """The Triton kernels (eager CUDA) against the composed torch-op path on the same data."""
-    from fsyncbn.functional import kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_sync_path_equals_the_composed_path(layout, eps_mode, dtype, monkeypatch):
+    """torch's CUDA sync kernels with the Triton glue against the composed path, same data."""
+    from fsyncbn.functional.ops import choose_path
 
-    assert kernels.runs_fused(torch.randn(2, 2, device="cuda"))
-    x = (torch.randn(16, 32, 9, 9, device="cuda") * 2 + 5).contiguous(memory_format=layout)
+    x = (torch.randn(16, 32, 9, 9, device="cuda") * 2 + 5).to(dtype).contiguous(memory_format=layout)
     x[:, 3] = 1 + 1e-4 * x[:, 3]  # a nearly constant channel: clamped in clamp mode
     w, b, g = torch.rand(32, device="cuda") + 0.5, torch.randn(32, device="cuda"), torch.randn_like(x)
     results = []
-    for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr(kernels, "runs_fused", lambda input: False)
+    for path in ("cuda_sync", "composed"):
+        if path == "composed":
+            monkeypatch.setenv("FSYNCBN_FUSED", "0")
+        state = init_state(32, device="cuda")
+        assert choose_path(x, state, w, b, training=True, momentum=None, reducer=LocalReducer(),
+                           eps_mode=eps_mode) == path
         xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
-        y, state = sync_batch_norm(xs, init_state(32, device="cuda"), ws, bs, reducer=LocalReducer(),
-                                   eps_mode=eps_mode, momentum=None)
-        (y * g).sum().backward()
+        y, state = sync_batch_norm(xs, state, ws, bs, reducer=LocalReducer(), eps_mode=eps_mode,
+                                   momentum=None)
+        (y.float() * g.float()).sum().backward()
+        assert y.dtype == dtype and y.is_contiguous(memory_format=layout)
         results.append((y, xs.grad, ws.grad, bs.grad, state["running_mean"], state["running_var"]))
-    for fused_value, composed_value in zip(*results, strict=True):
-        torch.testing.assert_close(fused_value, composed_value, rtol=1e-4, atol=1e-4)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * 10)
 
 
 def test_one_synchronised_layer_step_launches_at_most_16_kernels():

@@ -4,11 +4,13 @@ Tensors and Python scalars in, tensors out: nothing here holds state, imports mo
 knows about process groups. Synchronisation is a ``reducer`` argument, any callable that
 returns the element-wise sum of its argument over all participants.
 
-The rooms: :mod:`.ops` (the public ops and their router), :mod:`.state` (the state and its
-update rule), :mod:`.checks` (argument checks), :mod:`.moments` (statistics and their
-merge), :mod:`.normalize` (normalisation and the synchronised backward), :mod:`.kernels`
-(which torch kernel runs each step), :mod:`.agreement` (what participants must agree on),
-:mod:`.reducer` (the reducer contract).
+The rooms: :mod:`.ops` (the public ops and the one router), :mod:`.paths` (one file per path:
+inference, native local, composed sync, CUDA sync), :mod:`.state` (the state and its update
+rule), :mod:`.checks` (argument checks), :mod:`.message` (the wire format), :mod:`.agreement`
+(what participants must agree on), :mod:`.moments` (statistics and their merge),
+:mod:`.normalize` (normalisation and the composed synchronised backward), :mod:`.kernels`
+(torch's native and private ops, custom ops, eager/compiled dispatch), :mod:`.host` (host
+numbers and tensors alike), :mod:`.reducer` (the reducer contract).
 """
 
 from .agreement import SynchronizationError

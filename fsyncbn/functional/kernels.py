@@ -13,81 +13,21 @@ The choices, in one place:
   ops because Inductor's code recomputed the float64 per-channel math for every element.
 - Values are read on the host only for eager CPU tensors: elsewhere a read would stall the
   stream or break the graph, so checks become asynchronous device asserts.
-- Synchronised training in eager mode on CUDA runs the fused Triton path (:mod:`.fused`):
-  about ten kernel launches per layer step instead of several dozen small ones.
+- The CUDA sync path (:mod:`.paths.cuda_sync`) calls torch's public sync-batch-norm kernels
+  (``torch.batch_norm_elemt`` and friends) itself.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-
 import torch
 from torch import Tensor
+
+from . import host
 
 _native_training = torch.ops.aten._native_batch_norm_legit_functional
 _native_training_no_stats = torch.ops.aten._native_batch_norm_legit.no_stats
 _native_inference = torch.ops.aten._native_batch_norm_legit_no_training
 _native_backward = torch.ops.aten.native_batch_norm_backward
-
-
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@functools.cache
-def _triton_ready(device_type: str) -> bool:
-    """Triton imports, and runs on ``device_type``: CUDA, or the CPU under Triton's interpreter
-    when ``FSYNCBN_FUSED_ON_CPU=1`` and ``TRITON_INTERPRET=1`` (how the tests check the kernels
-    without a GPU). ``FSYNCBN_FUSED=0`` turns the fused path off."""
-    if os.environ.get("FSYNCBN_FUSED", "1") == "0" or importlib.util.find_spec("triton") is None:
-        return False
-    if device_type == "cuda":
-        return True
-    return (
-        device_type == "cpu" and os.environ.get("FSYNCBN_FUSED_ON_CPU") == "1"
-        and os.environ.get("TRITON_INTERPRET") == "1"
-    )
-
-
-def runs_fused(input: Tensor) -> bool:
-    """Whether the fused Triton path serves a synchronised training call on ``input``: eager
-    mode (torch.compile fuses the composed path itself), a non-empty float16, bfloat16 or
-    float32 batch, on CUDA."""
-    return (
-        input.dtype in _FUSED_DTYPES and input.numel() > 0 and not torch.compiler.is_compiling()
-        and _triton_ready(input.device.type)
-    )
-
-
-def reads_on_host(t: Tensor) -> bool:
-    """Whether ``t``'s values may be read on the host: eager CPU tensors only."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def at_least(value: Tensor | float, floor: float) -> Tensor | float:
-    """``max(value, floor)`` for a host number or a 0-dim tensor (a count of values)."""
-    if isinstance(value, Tensor):
-        return value.clamp(min=floor)
-    return max(value, floor)
-
-
-def participation(count: Tensor | float, dtype: torch.dtype) -> Tensor | float | None:
-    """``min(count, 1)`` of a global count: 0 when every participant was empty. None for a
-    host count of at least 1 (nothing to scale)."""
-    if isinstance(count, Tensor):
-        return count.clamp(max=1).to(dtype)
-    return None if count >= 1 else 0.0
-
-
-def as_dtype(value: Tensor | float, dtype: torch.dtype) -> Tensor | float:
-    """A host number as it is; a tensor cast to ``dtype``."""
-    return value.to(dtype) if isinstance(value, Tensor) else value
-
-
-def assert_on_device(condition: Tensor, message: str) -> None:
-    """Fail asynchronously where ``condition`` is False: no host read, no graph break."""
-    torch._assert_async(condition, message)
 
 
 # --- local training: torch's own kernel ---------------------------------------------------
@@ -168,7 +108,7 @@ def empty_batch_sums(batch: Tensor, dtype: torch.dtype) -> Tensor:
 def pack(header: tuple[float, ...], parts: list[Tensor]) -> Tensor:
     """The float64 message ``[*header, *parts]`` on the parts' device."""
     device = parts[0].device
-    if reads_on_host(parts[0]):
+    if host.reads_on_host(parts[0]):
         head = [torch.tensor(header, dtype=torch.float64)]
     else:
         # Filled on the device, not copied from host memory: a host-to-device copy would

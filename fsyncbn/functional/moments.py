@@ -9,10 +9,9 @@ so that ONE element-wise sum over the participants merges them; the global
 rounding. Float32 data with |mean| / std ~ 1e4 keeps ~8 significant digits of the variance
 this way, where the float32 formula E[x^2] - E[x]^2 keeps none.
 
-The message is ``[1, C, C*C, n, n*m (C values), M2 + n*m^2 (C values)]``: the agreement
-header of C (see :mod:`.agreement`) and the count, summed like the rest, tell every
-participant whether they all had the same channel count and the global count, at no extra
-round trip.
+The message layout is :mod:`.message`'s: the agreement header of C and the count, summed like
+the rest, tell every participant whether they all had the same channel count and the global
+count, at no extra round trip.
 """
 
 from __future__ import annotations
@@ -23,12 +22,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import kernels
-from .agreement import HEADER_SIZE, SynchronizationError, agreement_header, disagreement
+from . import kernels, message
+from .agreement import SynchronizationError, disagreement
 from .checks import shape_str, values_per_channel
-
-# The agreement header of C, then the global count.
-MESSAGE_HEADER_SIZE = HEADER_SIZE + 1
+from .host import assert_on_device, at_least, in_dtype, reads_on_host
 
 
 class GlobalMoments(NamedTuple):
@@ -54,7 +51,7 @@ def pack_moments(input: Tensor) -> Tensor:
     """
     channels = input.shape[1]
     count = values_per_channel(input)
-    header = (*agreement_header(channels), count)
+    header = message.forward_header(channels, count)
     if count == 0:
         # Zeros computed from the (empty) input rather than constants: under torch.compile a
         # constant could be shared with another buffer that the in-place collective overwrites.
@@ -65,15 +62,15 @@ def pack_moments(input: Tensor) -> Tensor:
     mean, var = kernels.channel_moments(input if input.dtype == dtype else input.detach().to(dtype))
     mean = mean.to(torch.float64)
     # M2 + n*m^2 = n * (var + m^2), all in float64 (var is promoted).
-    message = kernels.pack(header, [mean, torch.addcmul(var, mean, mean)])
-    message[MESSAGE_HEADER_SIZE:].mul_(count)
-    return message
+    packed = kernels.pack(header, [mean, torch.addcmul(var, mean, mean)])
+    packed[message.HEADER_SIZE:].mul_(count)
+    return packed
 
 
 def check_header(fn: str, total: Tensor, input: Tensor, training: bool) -> Tensor | float:
     """Raise if the participants disagree on C, or if training sees one value per channel.
 
-    Read on the host where :func:`.kernels.reads_on_host` allows (a clear error in every
+    Read on the host where :func:`.host.reads_on_host` allows (a clear error in every
     participant); elsewhere an asynchronous device assert.
 
     Returns:
@@ -85,8 +82,8 @@ def check_header(fn: str, total: Tensor, input: Tensor, training: bool) -> Tenso
         ValueError: training with one value per channel over all participants.
     """
     channels = input.shape[1]
-    if kernels.reads_on_host(total):
-        *channel_header, count = total[:MESSAGE_HEADER_SIZE].tolist()
+    if reads_on_host(total):
+        *channel_header, count = total[:message.HEADER_SIZE].tolist()
         average = disagreement(channel_header, channels)
         if average is not None:
             raise SynchronizationError(
@@ -102,15 +99,15 @@ def check_header(fn: str, total: Tensor, input: Tensor, training: bool) -> Tenso
                 f"{shape_str(input.shape)}); use a larger batch"
             )
         return count
-    participants, sum_c, sum_c2, count = total[:MESSAGE_HEADER_SIZE].unbind()
+    participants, sum_c, sum_c2, count = total[:message.HEADER_SIZE].unbind()
     same_channels = (sum_c == participants * channels) & (
         sum_c2 == participants * channels * channels
     )
-    kernels.assert_on_device(
+    assert_on_device(
         same_channels, f"{fn}: participants disagree on the number of channels"
     )
     if training:
-        kernels.assert_on_device(
+        assert_on_device(
             count != 1, f"{fn}: expected more than 1 value per channel when training"
         )
     return count
@@ -123,16 +120,12 @@ def merge_moments(total: Tensor, count: Tensor | float, dtype: torch.dtype) -> G
     ``S1 = sum n_i m_i`` and ``S2 = sum (M2_i + n_i m_i^2)``: ``mean = S1 / n`` and the biased
     variance ``S2 / n - mean^2`` (float64, clamped at 0 against rounding).
     """
-    channels = (total.shape[0] - MESSAGE_HEADER_SIZE) // 2
-    sums = total[MESSAGE_HEADER_SIZE:].view(2, channels)
-    mean, mean_square = (sums / kernels.at_least(count, 1.0)).unbind()
+    channels = (total.shape[0] - message.HEADER_SIZE) // 2
+    sums = total[message.HEADER_SIZE:].view(2, channels)
+    mean, mean_square = (sums / at_least(count, 1.0)).unbind()
     var = torch.addcmul(mean_square, mean, mean, value=-1).clamp_(min=0)
-    var_unbiased = var * (count / kernels.at_least(count - 1, 1.0))
-    return GlobalMoments(_as(mean, dtype), _as(var, dtype), _as(var_unbiased, dtype), count)
-
-
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
+    var_unbiased = var * (count / at_least(count - 1, 1.0))
+    return GlobalMoments(in_dtype(mean, dtype), in_dtype(var, dtype), in_dtype(var_unbiased, dtype), count)
 
 
 def global_moments(

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from . import kernels
 from .checks import values_per_channel
+from .host import as_dtype, at_least, in_dtype
 from .moments import stats_dtype
 
 
@@ -51,7 +52,7 @@ def normalize(
     and memory format (see :func:`.kernels.normalize_inference` for ``statistics_in_graph``).
     """
     dtype = stats_dtype(input)
-    weight, bias, mean, var = (_in_dtype(t, dtype) for t in (weight, bias, mean, var))
+    weight, bias, mean, var = (in_dtype(t, dtype) for t in (weight, bias, mean, var))
     if input.numel() == 0:
         # The native backward crashes (SIGFPE) on empty input; plain ops give the same
         # empty output and zero parameter gradients.
@@ -66,10 +67,6 @@ def normalize(
     return kernels.normalize_inference(
         input, weight, bias, mean, var, eps, statistics_in_graph=statistics_in_graph
     )
-
-
-def _in_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 class SyncNormalize(torch.autograd.Function):
@@ -119,30 +116,31 @@ class SyncNormalize(torch.autograd.Function):
             # Zeros computed from grad_output, so that a compiled backward keeps this collective
             # in the backward (a constant would be hoisted into the forward graph).
             zeros = kernels.empty_batch_sums(grad_output, dtype)
+            local_sum_dy = local_sum_dy_xhat = zeros
             local_sums = torch.cat([zeros, zeros])
         else:
-            sum_dy, sum_dy_xhat = kernels.backward_sums(
+            local_sum_dy, local_sum_dy_xhat = kernels.backward_sums(
                 grad_output, input, None if weight is None else weight.to(dtype), mean, invstd,
                 ctx.eps,
             )
-            local_sums = torch.cat([sum_dy.to(dtype), sum_dy_xhat.to(dtype)])
+            # The wire format's backward message (see ..message): sum dy * (x - mean).
+            local_sums = torch.cat([local_sum_dy.to(dtype), local_sum_dy_xhat.to(dtype) / invstd])
         # Every participant calls the reducer here, also with an empty batch: skipping it
         # would leave the others waiting.
         global_sums = ctx.reducer(local_sums)
-        local_sum_dy, local_sum_dy_xhat = local_sums.chunk(2)
 
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             scale = invstd if weight is None else invstd * weight.to(dtype)
             # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), with the global means,
-            #    = dy * scale + (xhat * w + b),  w = -scale * mean(dy * xhat), b = -scale * mean(dy):
-            # two passes over the batch, the second one torch's inference batch-norm kernel.
-            # Where eps_mode "clamp" normalised by the constant sqrt(eps), the variance does
-            # not depend on x and the xhat term drops out.
-            minus_scale_over_n = scale / -kernels.at_least(kernels.as_dtype(count, dtype), 1.0)
+            #    = dy * scale + (xhat * w + b),  w = -scale * mean(dy * xhat), b = -scale * mean(dy),
+            # and mean(dy * xhat) = invstd * mean(dy * (x - mean)): two passes over the batch,
+            # the second one torch's inference batch-norm kernel. Where eps_mode "clamp"
+            # normalised by the constant sqrt(eps), the variance does not depend on x and the
+            # xhat term drops out.
+            minus_scale_over_n = scale / -at_least(as_dtype(count, dtype), 1.0)
             coefficients = global_sums.reshape(2, channels) * minus_scale_over_n
-            if var_follows_batch is not None:
-                coefficients[1].mul_(var_follows_batch)
+            coefficients[1].mul_(invstd if var_follows_batch is None else invstd * var_follows_batch)
             b, w = coefficients.unbind()
             grad_input = kernels.normalized_affine(input, w, b, mean, var, invstd, ctx.eps)
             grad_input = grad_input.addcmul_(grad_output, kernels.per_channel(scale, input))

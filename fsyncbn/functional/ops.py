@@ -1,31 +1,23 @@
 """The public batch-norm ops (pure functions with explicit state) and the one router behind
-them: eval, torch's native local kernel, or synchronised training."""
+them: :func:`choose_path` names the path of a call, and :func:`run_batch_norm` runs it
+(one file per path in :mod:`.paths`)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from typing import Literal, NamedTuple
+from typing import Literal
 
+import torch
 from torch import Tensor
 
-from . import kernels
 from .checks import check_arguments, check_local_batch_size
-from .moments import global_moments, stats_dtype
-from .normalize import SyncNormalize, normalization_terms, normalize
+from .paths import composed, cuda_sync, inference, native_local
 from .reducer import LOCAL_REDUCER, Reducer
-from .state import State, next_state, update_factor, update_state_in_place
+from .state import State
 
 EpsMode = Literal["plus", "clamp"]
-
-
-class BatchStatistics(NamedTuple):
-    """What a training batch contributes to the running statistics."""
-
-    mean: Tensor  # (C,)
-    var_unbiased: Tensor  # (C,)
-    # min(global count, 1): 0 when every participant was empty, so that the running stats stay
-    # as they were without a branch on data; None when the batch cannot be empty.
-    took_part: Tensor | float | None
+Path = Literal["inference", "native_local", "composed", "cuda_sync"]
 
 
 def batch_norm(
@@ -181,13 +173,40 @@ def sync_batch_norm(
     )
 
 
-def serves_natively(
-    input: Tensor, training: bool, reducer: Reducer | None, eps_mode: str
-) -> bool:
-    """Whether torch's native local training kernel computes exactly what the op asks: the one
-    place this is decided. Clamp mode and empty batches take the synchronised path with the
-    local reducer instead."""
-    return training and reducer is None and eps_mode == "plus" and input.numel() > 0
+def choose_path(
+    input: Tensor,
+    state: Mapping[str, Tensor] | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    training: bool,
+    momentum: float | None,
+    reducer: Reducer | None,
+    eps_mode: str,
+) -> Path:
+    """The path that serves a (checked) call: the one place this is decided.
+
+    - ``"inference"``: eval with running statistics.
+    - ``"native_local"``: training without a reducer, in eps mode "plus", on a non-empty batch:
+      torch's own kernel, bit for bit nn.BatchNorm.
+    - ``"cuda_sync"``: every other eager training call on a non-empty CUDA batch, unless
+      ``FSYNCBN_FUSED=0`` or the path's Triton glue failed on that device (then once warned):
+      torch's sync-batch-norm CUDA kernels.
+    - ``"composed"``: the rest (CPU, torch.compile, empty participants, clamp mode without a
+      reducer, eval without running statistics).
+    """
+    if state is not None and not training:
+        return "inference"
+    if training and reducer is None and eps_mode == "plus" and input.numel() > 0:
+        return "native_local"
+    if (
+        training and not torch.compiler.is_compiling()
+        and os.environ.get("FSYNCBN_FUSED", "1") != "0"
+        and cuda_sync.accepts(input, weight, bias, state)
+        and cuda_sync.ready(input, state, momentum, eps_mode)
+    ):
+        return "cuda_sync"
+    return "composed"
 
 
 def run_batch_norm(
@@ -205,13 +224,11 @@ def run_batch_norm(
     in_place: bool = False,
     checked: bool = False,
 ) -> tuple[Tensor, State | None]:
-    """Check the arguments, then route to inference, native local training or synchronised
-    training.
+    """Check the arguments, then run the path :func:`choose_path` names.
 
     ``in_place`` (for a layer whose buffers are ``state``): write the new statistics into
-    ``state``'s tensors and return ``state`` itself, where the public ops return a new dict
-    and leave their arguments alone. The native kernel then updates them in the same pass,
-    as nn.BatchNorm does.
+    ``state``'s tensors, where the public ops return new tensors and leave their arguments
+    alone. The native kernel then updates them in the same pass, as nn.BatchNorm does.
 
     ``checked``: the caller has already passed these very arguments through
     :func:`~.checks.check_arguments` (a layer remembers the configuration it validated); the
@@ -222,92 +239,18 @@ def run_batch_norm(
             fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
             eps_mode=eps_mode, reducer=reducer,
         )
-    if state is not None and not training:
-        terms = normalization_terms(state["running_var"], eps, eps_mode)
-        output = normalize(input, weight, bias, state["running_mean"], terms.var, terms.eps)
-        return output, state if in_place else dict(state)
-    if reducer is None:
+    path = choose_path(
+        input, state, weight, bias, training=training, momentum=momentum, reducer=reducer,
+        eps_mode=eps_mode,
+    )
+    if reducer is None and path != "inference":
         check_local_batch_size(fn, input)
-    if serves_natively(input, training, reducer, eps_mode):
-        if state is not None and momentum is not None:
-            return _train_natively_with_momentum(input, state, weight, bias, momentum, eps, in_place)
-        output, batch = _train_natively(input, state is not None, weight, bias, eps)
-    elif kernels.runs_fused(input):
-        from . import fused  # needs Triton
-
-        return fused.train_synchronized(
-            fn, input, state, weight, bias, momentum, eps, reducer or LOCAL_REDUCER, eps_mode,
-            in_place,
-        )
-    else:
-        output, batch = _train_synchronized(
-            fn, input, weight, bias, eps, reducer or LOCAL_REDUCER, eps_mode
-        )
-    if state is None:
-        return output, None
-    factor = update_factor(state, momentum, batch.mean.dtype)
-    if batch.took_part is not None:
-        factor = factor * batch.took_part
-    if in_place:
-        update_state_in_place(state, batch.mean, batch.var_unbiased, factor)
-        return output, state
-    return output, next_state(state, batch.mean, batch.var_unbiased, factor)
-
-
-def _train_natively_with_momentum(
-    input: Tensor,
-    state: Mapping[str, Tensor],
-    weight: Tensor | None,
-    bias: Tensor | None,
-    momentum: float,
-    eps: float,
-    in_place: bool,
-) -> tuple[Tensor, State]:
-    """torch's native kernel applies the momentum to the running stats itself, bit for bit
-    nn.BatchNorm; in place it writes them in the same pass."""
-    output, mean, var = kernels.train_locally(
-        input, weight, bias, state["running_mean"], state["running_var"], momentum, eps,
-        in_place=in_place,
+    if path == "inference":
+        assert state is not None
+        return inference.infer(input, state, weight, bias, eps, eps_mode, in_place)
+    if path == "native_local":
+        return native_local.train(input, state, weight, bias, momentum, eps, in_place)
+    train = cuda_sync.train if path == "cuda_sync" else composed.train
+    return train(
+        fn, input, state, weight, bias, momentum, eps, reducer or LOCAL_REDUCER, eps_mode, in_place,
     )
-    if in_place:
-        state["num_batches_tracked"].add_(1)
-        return output, state
-    return output, {"running_mean": mean, "running_var": var,
-                    "num_batches_tracked": state["num_batches_tracked"] + 1}
-
-
-def _train_natively(
-    input: Tensor, tracks: bool, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, BatchStatistics | None]:
-    """torch's native kernel; with running stats (``tracks``) the batch's mean and unbiased
-    variance come back (the kernel with momentum 1 on fresh tensors) for the cumulative
-    average to blend in."""
-    if not tracks:
-        return kernels.train_locally(input, weight, bias, None, None, 0.0, eps, in_place=False)[0], None
-    channels, dtype = input.shape[1], stats_dtype(input)
-    fresh_mean = input.new_zeros(channels, dtype=dtype)
-    fresh_var = input.new_ones(channels, dtype=dtype)
-    output, mean, var = kernels.train_locally(
-        input, weight, bias, fresh_mean, fresh_var, 1.0, eps, in_place=True
-    )
-    return output, BatchStatistics(mean, var, None)
-
-
-def _train_synchronized(
-    fn: str,
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    reducer: Reducer,
-    eps_mode: str,
-) -> tuple[Tensor, BatchStatistics]:
-    """Training with statistics summed over all participants (one sum forward, one backward)."""
-    moments = global_moments(fn, input, reducer, training=True)
-    terms = normalization_terms(moments.var, eps, eps_mode)
-    output = SyncNormalize.apply(
-        input, weight, bias, moments.mean, terms.var, terms.eps, terms.var_follows_batch,
-        moments.count, reducer,
-    )
-    took_part = kernels.participation(moments.count, moments.mean.dtype)
-    return output, BatchStatistics(moments.mean, moments.var_unbiased, took_part)

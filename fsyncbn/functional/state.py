@@ -105,3 +105,20 @@ def update_state_in_place(
             else:
                 old.copy_((old.to(batch.dtype) * (1 - factor) + batch * factor).to(old.dtype))
         state["num_batches_tracked"].add_(1)
+
+
+def commit(
+    state: Mapping[str, Tensor], batch_mean: Tensor, batch_var_unbiased: Tensor,
+    momentum: float | None, took_part: Tensor | float | None, in_place: bool,
+) -> State:
+    """The end of a training path: blend the batch into the running statistics with
+    :func:`update_factor` (times ``took_part``, ``min(global count, 1)``, where a step may have
+    no values at all), into ``state``'s own tensors when ``in_place`` (returning ``state``'s
+    entries), else into new ones."""
+    factor = update_factor(state, momentum, batch_mean.dtype)
+    if took_part is not None:
+        factor = factor * took_part
+    if in_place:
+        update_state_in_place(state, batch_mean, batch_var_unbiased, factor)
+        return dict(state)
+    return next_state(state, batch_mean, batch_var_unbiased, factor)
