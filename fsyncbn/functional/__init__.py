@@ -8,21 +8,24 @@ The rooms: :mod:`.ops` (the public ops and their router), :mod:`.state` (the sta
 update rule), :mod:`.checks` (argument checks), :mod:`.moments` (statistics and their
 merge), :mod:`.normalize` (normalisation and the synchronised backward), :mod:`.kernels`
 (which torch kernel runs each step), :mod:`.agreement` (what participants must agree on),
-:mod:`.reducer` (the reducer contract).
+:mod:`.reducer` (the reducer contract), :mod:`.activated` (in-place activated batch norm).
 """
 
+from .activated import Activation, batch_norm_act
 from .agreement import SynchronizationError
 from .ops import EpsMode, batch_norm, sync_batch_norm
 from .reducer import LocalReducer, Reducer
 from .state import State, init_state
 
 __all__ = [
+    "Activation",
     "EpsMode",
     "LocalReducer",
     "Reducer",
     "State",
     "SynchronizationError",
     "batch_norm",
+    "batch_norm_act",
     "init_state",
     "sync_batch_norm",
 ]
