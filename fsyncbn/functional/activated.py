@@ -101,11 +101,14 @@ def effective_weight(weight: Tensor, eps: float) -> Tensor:
     invertible weight the in-place op computes with. Its gradient passes straight through."""
     with torch.no_grad():
         clamped = _clamp_magnitude(weight, eps)
-    return weight + (clamped - weight)
+    # weight - weight is exactly 0 and carries weight's gradient: clamped's value, bit for bit.
+    return clamped + (weight - weight.detach())
 
 
 def _clamp_magnitude(weight: Tensor, eps: float) -> Tensor:
-    floor = torch.where(weight < 0, -eps, eps).to(weight.dtype)
+    # sign * eps computed in weight's dtype (a torch.where of Python floats would round eps to
+    # the default dtype).
+    floor = (weight < 0).to(weight.dtype).mul(-2.0).add(1.0).mul(eps)
     return torch.where(weight.abs() >= eps, weight, floor)
 
 
