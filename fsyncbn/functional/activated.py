@@ -154,7 +154,7 @@ class InPlaceABN(torch.autograd.Function):
 
     As :class:`.normalize.SyncNormalize`, the statistics are constants to autograd: their
     dependence on every participant's input is accounted for by the global sums in backward.
-    ``reducer`` None: one participant, whose backward runs torch's backward kernel alone.
+    ``reducer`` None: one participant.
     """
 
     @staticmethod
@@ -201,19 +201,9 @@ class InPlaceABN(torch.autograd.Function):
             z = output if output.dtype == dtype else output.to(dtype)
             dz = grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
             y, dy = invert_activation(z, dz, ctx.activation, ctx.param)
-        if ctx.reducer is None and var_follows_batch is None and not empty:
-            # One participant: torch's backward kernel gives dx and both sums in one call. Fed
-            # y, "mean" beta and "invstd" 1 / gamma, its xhat is (y - beta) / gamma, and a
-            # weight of scale * gamma makes its input scale (1 / gamma) * weight = scale.
-            grad_input, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                dy, y, scale * gamma, None, None, beta, gamma.reciprocal(), True, 0.0,
-                [ctx.needs_input_grad[0], True, True],
-            )
-            grad_input = None if grad_input is None else grad_input.to(output.dtype)
-        else:
-            grad_input, sum_dy, sum_dy_xhat = _synchronized_backward(
-                ctx, grad_output, y, dy, gamma, beta, scale, var_follows_batch, count, channels, dtype,
-            )
+        grad_input, sum_dy, sum_dy_xhat = _synchronized_backward(
+            ctx, grad_output, output, y, dy, gamma, beta, scale, var_follows_batch, count, channels, dtype,
+        )
         grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = sum_dy_xhat.to(weight.dtype)
@@ -223,12 +213,14 @@ class InPlaceABN(torch.autograd.Function):
 
 
 def _synchronized_backward(
-    ctx, grad_output: Tensor, y: Tensor | None, dy: Tensor | None, gamma: Tensor, beta: Tensor,
+    ctx, grad_output: Tensor, output: Tensor, y: Tensor | None, dy: Tensor | None, gamma: Tensor, beta: Tensor,
     scale: Tensor, var_follows_batch: Tensor | None, count: Tensor | float, channels: int,
     dtype: torch.dtype,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     """The synchronised backward of :class:`.normalize.SyncNormalize`, from ``y`` and ``dy``:
-    local ``(sum dy, sum dy * xhat)``, one reducer call, then dx in two passes."""
+    local ``(sum dy, sum dy * xhat)``, one reducer call (the local reducer for one
+    participant), then dx in two passes, written into ``y`` where ``y`` is this backward's own
+    temporary (one full-size buffer fewer at the peak of backward)."""
     if y is None or dy is None:
         # Zeros computed from grad_output, so that a compiled backward keeps the collective
         # in the backward graph (as SyncNormalize).
@@ -254,8 +246,12 @@ def _synchronized_backward(
         if y is None or dy is None:
             grad_input = torch.zeros_like(grad_output)
         else:
-            ones = torch.ones_like(gamma)
-            grad_input = kernels.normalized_affine(y, w / gamma, b, beta, ones, ones, 0.0)
+            slope = w / gamma
+            if ctx.activation == "identity" and output.dtype == dtype:  # y is the saved output itself
+                ones = torch.ones_like(gamma)
+                grad_input = kernels.normalized_affine(y, slope, b, beta, ones, ones, 0.0)
+            else:
+                grad_input = _scale_shift_(y, slope, b - beta * slope)
             grad_input = grad_input.addcmul_(dy, kernels.per_channel(scale, y))
             grad_input = grad_input.to(grad_output.dtype)
     return grad_input, local_sum_dy, local_sum_dy_xhat
