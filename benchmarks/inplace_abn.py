@@ -12,7 +12,8 @@ activation in place on its output) and ``InPlaceABN``.
   (``torch.autograd.graph.saved_tensors_hooks``) of a chain of ``depth`` conv -> norm ->
   LeakyReLU blocks, eager and compiled.
 - Peak memory of one training step (forward, backward) of two DeepLab-style segmentation
-  heads at 64x64 (:class:`SegmentationHead`: a decoder of 3x3 convs, and ASPP). Each variant runs in a fresh process with glibc's mmap threshold fixed at
+  heads at 64x64 (:class:`SegmentationHead`: a decoder of 3x3 convs, and ASPP). Each variant
+  runs in a fresh process with glibc's mmap threshold fixed at
   128 KiB (``MALLOC_MMAP_THRESHOLD_``), so that every tensor has pages of its own that go back
   to the system when it is freed; after a small warm-up step (libraries, parameter gradients)
   the kernel's high-water mark of resident memory is reset (``/proc/self/clear_refs``), and
@@ -162,7 +163,8 @@ def peak_memory() -> list[dict]:
             )
             peaks[variant] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
         rows.append({"case": "g peak memory of a training step", "head": kind, "model": description,
-                     "input": str(HEAD_INPUT), **peaks, "ratio vs torch": peaks[VARIANTS[2]] / peaks[VARIANTS[0]],
+                     "input": str(HEAD_INPUT), **peaks,
+                     "ratio vs torch": peaks[VARIANTS[2]] / peaks[VARIANTS[0]],
                      "ratio vs out-of-place": peaks[VARIANTS[2]] / peaks[VARIANTS[1]]})
     return rows
 
@@ -183,7 +185,8 @@ def timing(quick: bool) -> list[dict]:
 
     for vs in VARIANTS[:2]:
         r = compare(layer_step(layers[VARIANTS[2]]), layer_step(layers[vs]), rounds=rounds, iters=iters)
-        rows.append({"case": "g InPlaceABN layer", "shape": str(shape), "mode": "eager", "vs": vs, **r.__dict__})
+        rows.append({"case": "g InPlaceABN layer", "shape": str(shape), "mode": "eager", "vs": vs,
+                     **r.__dict__})
     head_rounds, head_iters = (3, 1) if quick else (7, 2)
     hx = torch.randn(HEAD_INPUT)
     target = torch.randint(0, 21, (HEAD_INPUT[0], *HEAD_INPUT[2:]))
@@ -195,8 +198,10 @@ def timing(quick: bool) -> list[dict]:
             nn.functional.cross_entropy(model(hx), target).backward()
         return run
 
-    r = compare(head_step(heads[VARIANTS[2]]), head_step(heads[VARIANTS[1]]), rounds=head_rounds, iters=head_iters)
-    rows.append({"case": "g InPlaceABN decoder head step", "shape": str(HEAD_INPUT), "mode": "eager", "vs": VARIANTS[1],
+    r = compare(head_step(heads[VARIANTS[2]]), head_step(heads[VARIANTS[1]]), rounds=head_rounds,
+                iters=head_iters)
+    rows.append({"case": "g InPlaceABN decoder head step", "shape": str(HEAD_INPUT), "mode": "eager",
+                 "vs": VARIANTS[1],
                  **r.__dict__})
     return rows
 
@@ -260,7 +265,8 @@ def main() -> None:
     if not args.plot_only:
         start = time.monotonic()
         rows = case_g(args.quick)
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+        processor = platform.processor() or platform.machine()
+        machine = f"{processor}, {os.cpu_count()} cores, torch {torch.__version__}"
         results = {"machine": machine, "device": "cpu", "quick": args.quick,
                    "seconds": time.monotonic() - start, "rows": rows}
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -215,7 +215,8 @@ def inplace_abn_block(results: dict) -> str:
     lines = [f"Measured on {results['machine']} ({'quick' if results['quick'] else 'full'} run, from "
              "`benchmarks/results/inplace_abn_cpu.json`; the figure `docs/inplace_abn.png` is drawn from "
              "the same file).", "",
-             "| what | torch BN + LeakyReLU(inplace) | fsyncbn out-of-place | InPlaceABN | InPlaceABN / torch |",
+             "| what | torch BN + LeakyReLU(inplace) | fsyncbn out-of-place | InPlaceABN | "
+             "InPlaceABN / torch |",
              "|---|---|---|---|---|"]
     for r in rows:
         if r["case"] == "g saved bytes":
@@ -229,7 +230,8 @@ def inplace_abn_block(results: dict) -> str:
     timed = [r for r in rows if "ratio" in r]
     if timed:
         lines += ["", "| time, InPlaceABN against | shape | ratio (spread) |", "|---|---|---|"]
-        lines += [f"| {r['vs']}, {r['case'][2:]} | {r['shape']} | {r['ratio']:.2f} ({r['low']:.2f}-{r['high']:.2f}) |"
+        lines += [f"| {r['vs']}, {r['case'][2:]} | {r['shape']} | "
+                  f"{r['ratio']:.2f} ({r['low']:.2f}-{r['high']:.2f}) |"
                   for r in timed]
     return "\n".join(lines) + "\n"
 

@@ -432,7 +432,8 @@ def _fold(
         reason = ("its input is not the fresh output of a convolution or linear layer: the caller may still "
                   "read it after InPlaceABN overwrites it (a residual shortcut, for example)")
     elif _has_hooks(child, act, *(() if previous is None else (previous,))):
-        reason = "hooks are registered on these layers, and they would no longer run (or see overwritten tensors)"
+        reason = ("hooks are registered on these layers, and they would no longer run (or see "
+                  "overwritten tensors)")
     else:
         activation, param = spec
         folded = transfer_batch_norm(

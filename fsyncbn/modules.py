@@ -309,9 +309,9 @@ class SynchronizedBatchNormBase(_BatchNorm):
 
     @torch.jit.unused
     def _batch_norm_op(
-        self, input: Tensor, state: Optional[State], *, reducer: Optional[Callable[[Tensor], Tensor]],
+        self, input: Tensor, state: State | None, *, reducer: Callable[[Tensor], Tensor] | None,
         eps_mode: str, in_place: bool, checked: bool,
-    ) -> tuple[Tensor, Optional[State]]:
+    ) -> tuple[Tensor, State | None]:
         """The functional op of this layer (a subclass may supply another, as InPlaceABN):
         ``in_place`` writes the new statistics into ``state``, ``checked`` skips the argument
         checks of a configuration validated before."""

@@ -144,8 +144,10 @@ def test_empty_batch_and_no_running_stats():
     layer = InPlaceABN(3, track_running_stats=False).double()
     x = torch.randn(4, 3, 2, dtype=torch.float64)
     y = layer(x.clone())
-    torch.testing.assert_close(y, F.leaky_relu(F.batch_norm(x, None, None, layer.weight, layer.bias, True), 0.01))
-    out, state = batch_norm_act(torch.empty(0, 3, 2), init_state(3), training=True, reducer=fsyncbn.LocalReducer())
+    expected = F.leaky_relu(F.batch_norm(x, None, None, layer.weight, layer.bias, True), 0.01)
+    torch.testing.assert_close(y, expected)
+    out, state = batch_norm_act(torch.empty(0, 3, 2), init_state(3), training=True,
+                                reducer=fsyncbn.LocalReducer())
     assert out.shape == (0, 3, 2) and int(state["num_batches_tracked"]) == 1
     torch.testing.assert_close(state["running_var"], torch.ones(3))
 
@@ -155,7 +157,7 @@ def test_empty_batch_and_no_running_stats():
 
 def test_relu_in_place_raises_and_says_what_to_do():
     with pytest.raises(ValueError, match=r"InPlaceABN: activation='relu' cannot run with in_place=True.*"
-                                         r"use activation='leaky_relu' with a small slope.*or in_place=False"):
+                       r"use activation='leaky_relu' with a small slope.*or in_place=False"):
         InPlaceABN(4, activation="relu")
     with pytest.raises(ValueError, match=r"batch_norm_act: activation='relu' cannot run with in_place=True"):
         batch_norm_act(torch.randn(4, 3), None, training=True, activation="relu")
@@ -166,10 +168,11 @@ def test_relu_in_place_raises_and_says_what_to_do():
 
 
 def test_bad_activation_arguments_raise():
-    with pytest.raises(ValueError, match=r"InPlaceABN: expected activation 'leaky_relu', 'elu', 'identity' or "
-                                         r"'relu', got 'gelu'"):
+    with pytest.raises(ValueError, match=r"InPlaceABN: expected activation 'leaky_relu', 'elu', "
+                       r"'identity' or 'relu', got 'gelu'"):
         InPlaceABN(4, activation="gelu")
-    with pytest.raises(ValueError, match=r"expected activation_param \(the leaky_relu slope\) > 0 with in_place=True"):
+    with pytest.raises(ValueError,
+                       match=r"expected activation_param \(the leaky_relu slope\) > 0 with in_place=True"):
         InPlaceABN(4, activation_param=0.0)
     with pytest.raises(TypeError, match=r"InPlaceABN: expected in_place to be a bool, got 'yes'"):
         InPlaceABN(4, in_place="yes")
@@ -177,8 +180,8 @@ def test_bad_activation_arguments_raise():
 
 def test_a_leaf_input_that_requires_grad_is_refused():
     x = torch.randn(4, 3, requires_grad=True)
-    with pytest.raises(ValueError, match=r"batch_norm_act: in_place=True overwrites the input, which is a leaf "
-                                         r"tensor that requires grad.*pass input.clone\(\)"):
+    with pytest.raises(ValueError, match=r"batch_norm_act: in_place=True overwrites the input, which is a "
+                       r"leaf tensor that requires grad.*pass input.clone\(\)"):
         InPlaceABN(3)(x)
 
 
@@ -191,9 +194,9 @@ def test_reusing_the_overwritten_input_raises_autograds_error():
     y = layer(h)
     assert y is h  # the layer's output is its input, overwritten
     with pytest.raises(RuntimeError, match=r"one of the variables needed for gradient computation has been "
-                                           r"modified by an inplace operation: \[torch.FloatTensor \[2, 4, 5, 5\]\], "
-                                           r"which is output 0 of InPlaceABN, is at version \d+; expected "
-                                           r"version 0 instead") as info:
+                       r"modified by an inplace operation: \[torch.FloatTensor \[2, 4, 5, 5\]\], "
+                       r"which is output 0 of InPlaceABN, is at version \d+; expected "
+                       r"version 0 instead") as info:
         (y.sum() + side.sum()).backward()
     print(info.value)  # the message the user sees
 
@@ -489,7 +492,8 @@ register_norm_act(MimicBatchNormAct2d, MimicSynchronizedBatchNormAct2d)
 def _timm_net():
     torch.manual_seed(0)
     return nn.Sequential(
-        ConvNormAct(3, 4), ConvNormAct(4, 4, act_layer=nn.ReLU), ConvNormAct(4, 4, drop_layer=lambda: nn.Dropout(0.0)),
+        ConvNormAct(3, 4), ConvNormAct(4, 4, act_layer=nn.ReLU),
+        ConvNormAct(4, 4, drop_layer=lambda: nn.Dropout(0.0)),
         PreAct(4),
     ).double()
 
@@ -505,7 +509,8 @@ def test_fold_of_timm_norm_act_layers():
     assert type(folded[3].norm) is MimicSynchronizedBatchNormAct2d  # its input is the shortcut
     messages = " | ".join(str(w.message) for w in caught if issubclass(w.category, ConversionWarning))
     assert messages.count("convert_model: did not fold") == 3, messages
-    assert "MimicBatchNormAct2d + LeakyReLU into InPlaceABN at '3.norm', since its input is not the fresh output" in messages
+    assert ("MimicBatchNormAct2d + LeakyReLU into InPlaceABN at '3.norm', since its input is not the fresh "
+            "output") in messages
     assert "MimicBatchNormAct2d + LeakyReLU into InPlaceABN at '2.bn', since a dropout runs" in messages
     assert "MimicBatchNormAct2d + ReLU into InPlaceABN at '1.bn', since it is not invertible" in messages
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)

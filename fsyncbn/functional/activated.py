@@ -213,7 +213,8 @@ class InPlaceABN(torch.autograd.Function):
 
 
 def _synchronized_backward(
-    ctx, grad_output: Tensor, output: Tensor, y: Tensor | None, dy: Tensor | None, gamma: Tensor, beta: Tensor,
+    ctx, grad_output: Tensor, output: Tensor, y: Tensor | None, dy: Tensor | None, gamma: Tensor,
+    beta: Tensor,
     scale: Tensor, var_follows_batch: Tensor | None, count: Tensor | float, channels: int,
     dtype: torch.dtype,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
