@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DEMO = ROOT / "docs" / "results" / "demo.json"
+INPLACE_ABN = RESULTS / "inplace_abn_cpu.json"  # case g, written by python -m benchmarks.inplace_abn
 README = ROOT / "README.md"
 BENCHMARKS_README = ROOT / "benchmarks" / "README.md"
 DEVICES = ("cpu", "cuda")  # the order of columns and sections
@@ -207,6 +208,34 @@ def demo_block(demo: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def inplace_abn_block(results: dict) -> str:
+    """README.md's InPlaceABN figures (case g), from its results file."""
+    rows = results["rows"]
+    variants = ("torch BN + LeakyReLU(inplace)", "fsyncbn out-of-place", "fsyncbn InPlaceABN")
+    lines = [f"Measured on {results['machine']} ({'quick' if results['quick'] else 'full'} run, from "
+             "`benchmarks/results/inplace_abn_cpu.json`; the figure `docs/inplace_abn.png` is drawn from "
+             "the same file).", "",
+             "| what | torch BN + LeakyReLU(inplace) | fsyncbn out-of-place | InPlaceABN | "
+             "InPlaceABN / torch |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        if r["case"] == "g saved bytes":
+            label = f"saved for backward, {r['depth']} conv-norm-act blocks, {r['mode']} (MiB)"
+        elif r["case"].startswith("g peak memory"):
+            label = f"peak memory of a training step, {r['head']} head (MiB)"
+        else:
+            continue
+        lines.append(f"| {label} | " + " | ".join(f"{r[v] / 2**20:.1f}" for v in variants)
+                     + f" | {r['ratio vs torch']:.3f} |")
+    timed = [r for r in rows if "ratio" in r]
+    if timed:
+        lines += ["", "| time, InPlaceABN against | shape | ratio (spread) |", "|---|---|---|"]
+        lines += [f"| {r['vs']}, {r['case'][2:]} | {r['shape']} | "
+                  f"{r['ratio']:.2f} ({r['low']:.2f}-{r['high']:.2f}) |"
+                  for r in timed]
+    return "\n".join(lines) + "\n"
+
+
 # --- the files ---------------------------------------------------------------------------
 
 
@@ -252,6 +281,8 @@ def expected_files() -> dict[Path, str]:
     blocks = {"performance": performance_block(results)}
     if DEMO.is_file():
         blocks["demo"] = demo_block(json.loads(DEMO.read_text()))
+    if INPLACE_ABN.is_file():
+        blocks["inplace_abn"] = inplace_abn_block(json.loads(INPLACE_ABN.read_text()))
     return {BENCHMARKS_README: benchmarks_readme(results),
             README: fill_blocks(README.read_text(), blocks)}
 

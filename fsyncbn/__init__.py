@@ -9,6 +9,7 @@ from . import functional, reducers, replicas
 from .convert import ConversionWarning, convert_model, patch_sync_batchnorm, register_conversion, revert_model
 from .functional.agreement import SynchronizationError
 from .groups import sync_groups
+from .inplace_abn import InPlaceABN
 from .join import Join
 from .modules import (
     SyncBatchNorm,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConversionWarning",
     "DataParallelWithCallback",
+    "InPlaceABN",
     "Join",
     "LocalReducer",
     "ProcessGroupReducer",

@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from .deployment import revert_to_plain
+from .inplace_abn import InPlaceABN
 from .modules import (
     SyncBatchNorm,
     SynchronizedBatchNorm1d,
@@ -157,7 +158,9 @@ def _rewrap_data_parallel(dp: nn.DataParallel, inner: nn.Module, cls: type[nn.Mo
     return wrapped
 
 
-def convert_model(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
+def convert_model(
+    module: nn.Module, process_group: dist.ProcessGroup | None = None, *, fuse_activations: bool = False,
+) -> nn.Module:
     """Make ``module`` synchronise its batch norm, without changing what any layer computes.
 
     Layers of exactly nn.BatchNorm1d/2d/3d become SynchronizedBatchNorm1d/2d/3d,
@@ -171,9 +174,24 @@ def convert_model(module: nn.Module, process_group: dist.ProcessGroup | None = N
     DataParallelWithCallback with the same device_ids, output_device and dim. Children are
     replaced in place; the returned module is ``module`` unless ``module`` itself was replaced.
 
+    ``fuse_activations=True`` also folds batch norm + activation into one
+    :class:`fsyncbn.InPlaceABN` (half the activation memory; see
+    :mod:`fsyncbn.functional.activated` for how it differs from batch norm + activation: the
+    weight's magnitude is floored at eps), where folding is safe: an exact nn.BatchNorm1d/2d/3d
+    inside an nn.Sequential, right after a convolution or linear layer (whose fresh output
+    nobody else reads, so it may be overwritten) and right before an nn.LeakyReLU (slope > 0),
+    nn.ELU (alpha > 0) or nn.Identity, none with hooks; the activation's slot becomes an
+    nn.Identity, so indices stay. Likewise timm's ``BatchNormAct2d`` (and other classes of
+    :func:`fsyncbn.integrations.timm.register_norm_act`) with such an activation and no dropout,
+    where its input is a convolution's fresh output (right after one in an nn.Sequential, or
+    the ``bn`` after the ``conv`` of timm's ``ConvNormAct``). Every other batch norm followed
+    by an activation is converted as usual, with one :class:`ConversionWarning` per skipped
+    pattern saying why. :func:`revert_model` undoes the fold.
+
     Args:
         module: any module.
         process_group: torch.distributed group for the converted layers (None: WORLD).
+        fuse_activations: fold batch norm + activation into InPlaceABN where safe.
 
     Returns:
         The converted module.
@@ -191,7 +209,13 @@ def convert_model(module: nn.Module, process_group: dist.ProcessGroup | None = N
     _register_loaded_libraries()
     skipped: dict[type[nn.Module], list[str]] = {}
     lazy: list[str] = []
-    converted = _convert(module, process_group, "", skipped, lazy)
+    unfolded: dict[tuple[str, str], list[str]] | None = {} if fuse_activations else None
+    converted = _convert(module, process_group, "", skipped, lazy, unfolded)
+    for (pattern, reason), paths in (unfolded or {}).items():
+        warnings.warn(
+            f"convert_model: did not fold {pattern} into InPlaceABN at {_where(paths)}, since {reason}; "
+            "converted the norm as usual", ConversionWarning, stacklevel=2,
+        )
     if skipped:
         names = "; ".join(
             f"{cls.__module__}.{cls.__qualname__} at {_where(paths)}" for cls, paths in skipped.items()
@@ -229,9 +253,10 @@ def _convert(
     path: str,
     skipped: dict[type[nn.Module], list[str]],
     lazy: list[str],
+    unfolded: dict[tuple[str, str], list[str]] | None = None,
 ) -> nn.Module:
     if isinstance(module, nn.DataParallel) and not isinstance(module, DataParallelWithCallback):
-        inner = _convert(module.module, process_group, _join(path, "module"), skipped, lazy)
+        inner = _convert(module.module, process_group, _join(path, "module"), skipped, lazy, unfolded)
         return _rewrap_data_parallel(module, inner, DataParallelWithCallback)
     converted = module
     conversion = _BY_PLAIN.get(type(module))
@@ -242,8 +267,15 @@ def _convert(
     elif isinstance(module, _BatchNorm) and type(module) not in _BY_SYNC:
         if not isinstance(module, SynchronizedBatchNormBase):
             skipped.setdefault(type(module), []).append(path)
-    for name, child in module.named_children():
-        converted.add_module(name, _convert(child, process_group, _join(path, name), skipped, lazy))
+    children = list(module.named_children())
+    folded: dict[str, nn.Module] = {}
+    for index, (name, child) in enumerate(children):
+        if unfolded is not None and name not in folded:
+            folded.update(_fold(module, children, index, process_group, path, unfolded))
+        replacement = folded.get(name)
+        if replacement is None:
+            replacement = _convert(child, process_group, _join(path, name), skipped, lazy, unfolded)
+        converted.add_module(name, replacement)
     return converted
 
 
@@ -262,7 +294,9 @@ def revert_model(
 
     SynchronizedBatchNorm1d/2d/3d become nn.BatchNorm1d/2d/3d, fsyncbn.SyncBatchNorm becomes
     nn.SyncBatchNorm (keeping its process_group), every class of :func:`register_conversion`
-    goes back to its library's class, and DataParallelWithCallback becomes nn.DataParallel.
+    goes back to its library's class, an InPlaceABN that ``convert_model(fuse_activations=True)``
+    folded becomes its batch norm and activation again (the very modules, in their slots),
+    and DataParallelWithCallback becomes nn.DataParallel.
     Tensors are shared as in convert_model. A layer with
     ``eps_mode="clamp"`` has no torch equivalent; it is reverted with a warning.
 
@@ -286,16 +320,144 @@ def revert_model(
         return _rewrap_data_parallel(module, revert_model(module.module), nn.DataParallel)
     reverted = module
     conversion = _BY_SYNC.get(type(module))
-    if conversion is not None:
+    if isinstance(module, InPlaceABN) and module._fold_origin is not None:
+        reverted = _unfold(module)
+    elif conversion is not None:
         if getattr(module, "eps_mode", None) == "clamp":
             warnings.warn(
                 f"revert_model: {type(module).__name__} with eps_mode='clamp' becomes "
                 f"{conversion.plain.__name__}, which normalises with sqrt(var + eps)", stacklevel=2,
             )
         reverted = conversion.to_plain(module)
-    for name, child in module.named_children():
-        reverted.add_module(name, revert_model(child))
+    restored: dict[str, nn.Module] = {}
+    children = list(module.named_children())
+    for index, (name, child) in enumerate(children):
+        reverted.add_module(name, restored[name] if name in restored else revert_model(child))
+        origin = child._fold_origin if isinstance(child, InPlaceABN) else None
+        if origin is not None and origin.placeholder is not None and index + 1 < len(children):
+            next_name, next_child = children[index + 1]
+            if next_child is origin.placeholder:  # the activation's slot, as the fold left it
+                restored[next_name] = origin.activation
     return reverted
+
+
+# --- folding batch norm + activation into InPlaceABN (convert_model(fuse_activations=True)) ---
+
+# Exact classes: a subclass may compute something else.
+_FOLDABLE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Layers whose output is a fresh tensor that only the next module of an nn.Sequential reads
+# (their backward keeps their input, not their output): it may be overwritten.
+_FRESH_OUTPUT = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Linear,
+)
+# timm's conv + norm-act classes, whose forward is ``self.bn(self.conv(x))`` (then maybe an
+# anti-aliasing layer): their ``bn`` reads a fresh convolution output.
+_CONV_NORM_ACT = {"ConvNormAct", "ConvNormActAa", "ConvBnAct"}
+
+
+class FoldOrigin(NamedTuple):
+    """What an InPlaceABN was folded from, for :func:`revert_model`."""
+
+    norm_cls: type[nn.Module]
+    activation: nn.Module
+    drop: nn.Module | None  # a norm-act layer's dropout slot (an identity)
+    placeholder: nn.Module | None  # the nn.Identity left in an nn.Sequential's activation slot
+
+
+def _activation_of(act: nn.Module) -> tuple[str, float] | str:
+    """``(activation, activation_param)`` of InPlaceABN computing ``act``, or why it cannot."""
+    if type(act) is nn.Identity:
+        return "identity", 0.0
+    if type(act) is nn.LeakyReLU:
+        if act.negative_slope > 0:
+            return "leaky_relu", float(act.negative_slope)
+        return "its negative_slope is not > 0, so it cannot be inverted"
+    if type(act) is nn.ELU:
+        if act.alpha > 0:
+            return "elu", float(act.alpha)
+        return "its alpha is not > 0, so it cannot be inverted"
+    if type(act) in (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Threshold):
+        return "it is not invertible (it maps a range of inputs to one value): nn.LeakyReLU(0.01) folds"
+    return "InPlaceABN computes only nn.LeakyReLU, nn.ELU and nn.Identity"
+
+
+def _is_activation(module: nn.Module) -> bool:
+    return type(module) is nn.Identity or type(module).__module__ == "torch.nn.modules.activation"
+
+
+def _has_hooks(*modules: nn.Module) -> bool:
+    return any(
+        getattr(m, hooks, None) for m in modules
+        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    )
+
+
+def _is_norm_act(module: nn.Module) -> bool:
+    """A registered timm-style norm + activation layer (its counterpart carries act and drop)."""
+    conversion = _BY_PLAIN.get(type(module))
+    return conversion is not None and hasattr(conversion.sync, "_set_act_drop")
+
+
+def _fold(
+    parent: nn.Module, children: list[tuple[str, nn.Module]], index: int,
+    process_group: dist.ProcessGroup | None, path: str, unfolded: dict[tuple[str, str], list[str]],
+) -> dict[str, nn.Module]:
+    """The replacements folding ``children[index]`` into an InPlaceABN, or {} (recording in
+    ``unfolded`` why a batch norm + activation pattern was not folded)."""
+    name, child = children[index]
+    previous = children[index - 1][1] if index > 0 else None
+    in_sequential = type(parent) is nn.Sequential
+    fresh_input = in_sequential and type(previous) in _FRESH_OUTPUT
+    if type(child) in _FOLDABLE_NORMS and in_sequential and index + 1 < len(children):
+        act_name, act = children[index + 1]
+        if not _is_activation(act):
+            return {}
+        drop = None
+    elif _is_norm_act(child):
+        act, drop = getattr(child, "act", nn.Identity()), getattr(child, "drop", nn.Identity())
+        fresh_input = fresh_input or (
+            type(parent).__name__ in _CONV_NORM_ACT and isinstance(previous, nn.modules.conv._ConvNd)
+            and children[index - 1][0] == "conv" and name == "bn"
+        )
+    else:
+        return {}
+    pattern = f"{type(child).__name__} + {type(act).__name__}"
+    spec = _activation_of(act)
+    if isinstance(spec, str):
+        reason = spec
+    elif drop is not None and type(drop) is not nn.Identity:
+        reason = "a dropout runs between the norm and the activation"
+    elif not fresh_input:
+        reason = ("its input is not the fresh output of a convolution or linear layer: the caller may still "
+                  "read it after InPlaceABN overwrites it (a residual shortcut, for example)")
+    elif _has_hooks(child, act, *(() if previous is None else (previous,))):
+        reason = ("hooks are registered on these layers, and they would no longer run (or see "
+                  "overwritten tensors)")
+    else:
+        activation, param = spec
+        folded = transfer_batch_norm(
+            child, InPlaceABN, process_group=process_group, activation=activation, activation_param=param,
+        )
+        if drop is not None:
+            folded._fold_origin = FoldOrigin(type(child), act, drop, None)
+            return {name: folded}
+        placeholder = nn.Identity()
+        folded._fold_origin = FoldOrigin(type(child), act, None, placeholder)
+        return {name: folded, act_name: placeholder}
+    unfolded.setdefault((pattern, reason), []).append(_join(path, name))
+    return {}
+
+
+def _unfold(layer: InPlaceABN) -> nn.Module:
+    """The batch norm (a norm-act layer: with its activation and dropout) a fold came from."""
+    origin: FoldOrigin = layer._fold_origin  # type: ignore[assignment]
+    conversion = _BY_PLAIN.get(origin.norm_cls)
+    if origin.drop is None or conversion is None:
+        return transfer_batch_norm(layer, origin.norm_cls)
+    plain = conversion.to_plain(layer)
+    plain.drop, plain.act = origin.drop, origin.activation
+    return plain
 
 
 @contextlib.contextmanager

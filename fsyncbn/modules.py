@@ -288,10 +288,9 @@ class SynchronizedBatchNormBase(_BatchNorm):
             if state is not None:
                 route.journal.layer_writes(self)
         try:
-            output, new_state = run_batch_norm(
-                "batch_norm", input, state, self.weight, self.bias, training=self.training,
-                momentum=self.momentum, eps=self.eps, reducer=route.reducer, eps_mode=eps_mode,
-                in_place=route.in_place, checked=checked,
+            output, new_state = self._batch_norm_op(
+                input, state, reducer=route.reducer, eps_mode=eps_mode, in_place=route.in_place,
+                checked=checked,
             )
             if not checked:
                 self._validated = configuration
@@ -307,6 +306,20 @@ class SynchronizedBatchNormBase(_BatchNorm):
         if route.journal is not None:
             route.journal.layer_returns(self, output)
         return output
+
+    @torch.jit.unused
+    def _batch_norm_op(
+        self, input: Tensor, state: State | None, *, reducer: Callable[[Tensor], Tensor] | None,
+        eps_mode: str, in_place: bool, checked: bool,
+    ) -> tuple[Tensor, State | None]:
+        """The functional op of this layer (a subclass may supply another, as InPlaceABN):
+        ``in_place`` writes the new statistics into ``state``, ``checked`` skips the argument
+        checks of a configuration validated before."""
+        return run_batch_norm(
+            "batch_norm", input, state, self.weight, self.bias, training=self.training,
+            momentum=self.momentum, eps=self.eps, reducer=reducer, eps_mode=eps_mode,
+            in_place=in_place, checked=checked,
+        )
 
     @torch.jit.unused
     def _route(self) -> _Route:

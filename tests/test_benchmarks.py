@@ -62,3 +62,20 @@ def test_entry_point_writes_the_results_file(tmp_path):
     assert {row["case"].split()[0] for row in results["rows"]} == {"c", "e"}
     assert report.markdown(results) in result.stdout
     assert "| world size | C | fsyncbn forward |" in result.stdout
+
+
+def test_inplace_abn_saves_at_most_055_of_torchs_bytes_at_depth_10():
+    """Case g's saved-bytes figure as a property (deterministic, never timed)."""
+    from benchmarks import inplace_abn
+
+    row = inplace_abn.saved_over_depth((10,), compiled=False)[0]
+    assert row["ratio vs torch"] <= 0.55, row
+    # The out-of-place layer keeps what torch keeps.
+    assert row[inplace_abn.VARIANTS[1]] == row[inplace_abn.VARIANTS[0]], row
+
+
+def test_inplace_abn_block_shows_every_row_of_its_results_file():
+    results = json.loads(report.INPLACE_ABN.read_text())
+    block = report.inplace_abn_block(results)
+    assert block.count("| saved for backward") == sum(r["case"] == "g saved bytes" for r in results["rows"])
+    assert "peak memory of a training step, decoder head" in block

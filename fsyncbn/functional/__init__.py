@@ -10,21 +10,25 @@ rule), :mod:`.checks` (argument checks), :mod:`.message` (the wire format), :mod
 (what participants must agree on), :mod:`.moments` (statistics and their merge),
 :mod:`.normalize` (normalisation and the composed synchronised backward), :mod:`.kernels`
 (torch's native and private ops, custom ops, eager/compiled dispatch), :mod:`.host` (host
-numbers and tensors alike), :mod:`.reducer` (the reducer contract).
+numbers and tensors alike), :mod:`.reducer` (the reducer contract), :mod:`.activated`
+(in-place activated batch norm).
 """
 
+from .activated import Activation, batch_norm_act
 from .agreement import SynchronizationError
 from .ops import EpsMode, batch_norm, sync_batch_norm
 from .reducer import LocalReducer, Reducer
 from .state import State, init_state
 
 __all__ = [
+    "Activation",
     "EpsMode",
     "LocalReducer",
     "Reducer",
     "State",
     "SynchronizationError",
     "batch_norm",
+    "batch_norm_act",
     "init_state",
     "sync_batch_norm",
 ]

@@ -1,0 +1,396 @@
+"""In-place activated batch norm (InPlace-ABN): ``act(BN(x))`` that keeps one tensor for backward.
+
+Batch norm followed by an activation normally keeps two full-size tensors for backward: the
+norm's input and the activation's output. In training with ``in_place=True``,
+:func:`batch_norm_act` writes ``z = act(BN(x))`` into ``x``'s own storage and keeps only
+``z`` (plus O(C) statistics). Backward recovers the pre-activation ``y = act^-1(z)`` and the
+normalised input ``xhat = (y - beta) / gamma`` from ``z``, then runs the same synchronised
+backward as :func:`.ops.sync_batch_norm`: the same 2C sums through the same reducer (after
+Rota Bulò et al., arXiv 1712.02616, and mapillary/inplace_abn).
+
+How the in-place op differs from ``act(batch_norm(x))``, exactly:
+
+- **The weight is kept away from zero** (the affine must be invertible): the op computes with
+  ``gamma_eff = gamma`` where ``|gamma| >= eps``, and ``sign(gamma) * eps`` where ``|gamma| <
+  eps`` (``+eps`` for ``gamma == 0``), ``eps`` being the op's ``eps``. Outputs and input
+  gradients are those of ``act(batch_norm(x, weight=gamma_eff))``; ``gamma``'s gradient is
+  batch norm's ``sum(dy * xhat)`` everywhere (straight through the clamp, so that a channel
+  can leave the dead zone). Weights with ``|gamma| >= eps`` therefore give batch norm + the
+  activation up to rounding. (mapillary/inplace_abn uses ``|gamma| + eps`` instead, which
+  flips negative weights: load its checkpoints with ``weight.abs_().add_(eps)``.)
+- **Precision**: ``xhat`` is recovered by a division, so its absolute error is about
+  ``ulp(|y| + |beta|) / |gamma_eff|`` (float32: ~1e-7 relative for ``|gamma| ~ 1``, more for
+  small weights). ELU saturates: below ``y ~ log(eps_dtype)`` (about -16 in float32, -36 in
+  float64, in units of the pre-activation) ``exp(y) - 1`` rounds to -1 and ``y`` is recovered
+  as that floor; the activation's gradient there is ~0 anyway.
+- **ReLU is not invertible**; ``activation="relu"`` needs ``in_place=False``. LeakyReLU's
+  slope and ELU's alpha must be > 0 in place.
+- **The input is overwritten** (training, ``in_place=True``): autograd knows (the input is
+  marked dirty), so a later use of the old value in backward raises autograd's "modified by
+  an inplace operation" error instead of computing garbage. The input may not be a leaf that
+  requires grad (pass ``x.clone()``), nor a view from torch.split/chunk.
+
+Eval mode never writes in place: it returns a new tensor, ``act(BN(x))`` with the running
+statistics and ``gamma_eff``, so that inference code that reuses its input (test-time
+augmentation, feature extraction) sees no surprise. In inference nothing is saved for
+backward, so writing in place would save no activation memory.
+
+``in_place=False`` is ``act(batch_norm(x))`` with the exact ``gamma`` through the ordinary op
+(:func:`.ops.batch_norm`: the native, fused and compiled paths), the activation applied in
+place to the norm's fresh output: the baseline and the fallback, with ReLU allowed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from numbers import Real
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import kernels
+from .checks import check_arguments, check_local_batch_size, values_per_channel
+from .moments import global_moments, stats_dtype
+from .normalize import normalization_terms
+from .ops import EpsMode, run_batch_norm
+from .reducer import LOCAL_REDUCER, Reducer
+from .state import State, next_state, update_factor, update_state_in_place
+
+Activation = Literal["leaky_relu", "elu", "identity", "relu"]
+ACTIVATIONS = ("leaky_relu", "elu", "identity", "relu")
+
+
+def check_activation(fn: str, activation: object, activation_param: object, in_place: object) -> None:
+    """Raise unless the activation can run in this mode (ReLU and slope 0 cannot invert).
+
+    Raises:
+        TypeError: ``in_place`` not a bool, ``activation_param`` not a real number.
+        ValueError: unknown activation; ``"relu"`` with ``in_place=True``; a LeakyReLU slope
+            or ELU alpha that is not > 0 with ``in_place=True``.
+    """
+    if not isinstance(in_place, bool):
+        raise TypeError(f"{fn}: expected in_place to be a bool, got {in_place!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"{fn}: expected activation 'leaky_relu', 'elu', 'identity' or 'relu', got {activation!r}"
+        )
+    if isinstance(activation_param, bool) or not isinstance(activation_param, Real):
+        raise TypeError(f"{fn}: expected activation_param to be a float, got {activation_param!r}")
+    if not in_place:
+        return
+    if activation == "relu":
+        raise ValueError(
+            f"{fn}: activation='relu' cannot run with in_place=True, since ReLU is not invertible "
+            "(backward recovers the normalised input from the output); use activation='leaky_relu' "
+            "with a small slope (activation_param=0.01), or in_place=False"
+        )
+    if activation in ("leaky_relu", "elu") and not float(activation_param) > 0.0:
+        name = "slope" if activation == "leaky_relu" else "alpha"
+        raise ValueError(
+            f"{fn}: expected activation_param (the {activation} {name}) > 0 with in_place=True, "
+            f"got {activation_param!r}: the activation must be invertible; use a small positive "
+            "value (0.01), or in_place=False"
+        )
+
+
+def effective_weight(weight: Tensor, eps: float) -> Tensor:
+    """``weight`` where ``|weight| >= eps``, else ``sign(weight) * eps`` (``+eps`` at 0): the
+    invertible weight the in-place op computes with. Its gradient passes straight through."""
+    with torch.no_grad():
+        clamped = _clamp_magnitude(weight, eps)
+    # weight - weight is exactly 0 and carries weight's gradient: clamped's value, bit for bit.
+    return clamped + (weight - weight.detach())
+
+
+def _clamp_magnitude(weight: Tensor, eps: float) -> Tensor:
+    # sign * eps computed in weight's dtype (a torch.where of Python floats would round eps to
+    # the default dtype).
+    floor = (weight < 0).to(weight.dtype).mul(-2.0).add(1.0).mul(eps)
+    return torch.where(weight.abs() >= eps, weight, floor)
+
+
+def activate(t: Tensor, activation: str, param: float, *, in_place: bool) -> Tensor:
+    """``act(t)``; ``in_place``: written into ``t`` (which must be fresh, or saved by nobody)."""
+    if activation == "identity":
+        return t
+    if activation == "relu":
+        return F.relu(t, inplace=in_place)
+    if activation == "leaky_relu":
+        # In place only with slope >= 0: autograd's in-place backward reads the output's sign.
+        return F.leaky_relu(t, float(param), inplace=in_place and param >= 0)
+    return F.elu(t, float(param), inplace=in_place and param >= 0)
+
+
+def invert_activation(z: Tensor, grad_z: Tensor, activation: str, param: float) -> tuple[Tensor, Tensor]:
+    """``(y, dy)``: the pre-activation ``y = act^-1(z)`` and ``dL/dy`` from ``dL/dz``, both
+    computed from the output ``z`` alone."""
+    if activation == "identity":
+        return z, grad_z
+    if activation == "leaky_relu":
+        # act^-1 is the LeakyReLU of slope 1 / slope; act' reads the (sign-preserving) output.
+        y = F.leaky_relu(z, 1.0 / param)
+        return y, torch.ops.aten.leaky_relu_backward(grad_z, z, param, True)
+    # ELU: z = alpha * (exp(y) - 1) for y <= 0, so y = log1p(z / alpha); clamped where
+    # exp(y) - 1 rounded to -1 (saturation), to stay finite.
+    floor = -1.0 + torch.finfo(z.dtype).eps
+    y = torch.where(z > 0, z, torch.log1p((z / param).clamp(min=floor)))
+    return y, torch.ops.aten.elu_backward(grad_z, param, 1, 1, True, z)
+
+
+def _scale_shift_(input: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``input = input * scale + shift`` per channel, in ``input``'s storage."""
+    scale, shift = kernels.per_channel(scale, input), kernels.per_channel(shift, input)
+    if torch.compiler.is_compiling():
+        return input.mul_(scale).add_(shift)
+    # One pass: TensorIterator allows an output that is exactly one of the inputs.
+    return torch.addcmul(shift, input, scale, out=input)
+
+
+class InPlaceABN(torch.autograd.Function):
+    """``z = act(normalize(x))`` written into ``x``; backward from ``z`` and O(C) statistics.
+
+    As :class:`.normalize.SyncNormalize`, the statistics are constants to autograd: their
+    dependence on every participant's input is accounted for by the global sums in backward.
+    ``reducer`` None: one participant.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, input: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+        eps: float, var_follows_batch: Tensor | None, count: Tensor | float,
+        reducer: Callable[[Tensor], Tensor] | None, activation: str, param: float,
+        weight_floor: float,
+    ) -> Tensor:
+        dtype = stats_dtype(input)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * _clamp_magnitude(weight.to(dtype), weight_floor)
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias.to(dtype)
+        _scale_shift_(input, scale, shift)
+        activate(input, activation, param, in_place=True)
+        ctx.mark_dirty(input)
+        ctx.eps, ctx.reducer, ctx.activation, ctx.param = eps, reducer, activation, param
+        ctx.weight_floor = weight_floor
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.host_count = None if isinstance(count, Tensor) else count
+        saved = [input, weight, bias, mean, var, var_follows_batch]
+        if ctx.host_count is None:
+            saved.append(count)
+        ctx.save_for_backward(*saved)
+        return input
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        output, weight, bias, mean, var, var_follows_batch, *saved_count = ctx.saved_tensors
+        count = ctx.host_count if ctx.host_count is not None else saved_count[0]
+        dtype = stats_dtype(output)
+        channels = output.shape[1]
+        gamma = (torch.ones_like(mean) if weight is None
+                 else _clamp_magnitude(weight.to(dtype), ctx.weight_floor))
+        beta = torch.zeros_like(mean) if bias is None else bias.to(dtype)
+        invstd = torch.rsqrt(var + ctx.eps)
+        scale = invstd * gamma  # d y / d x at fixed statistics
+        empty = values_per_channel(output) == 0
+        y = dy = None
+        if not empty:
+            z = output if output.dtype == dtype else output.to(dtype)
+            dz = grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
+            y, dy = invert_activation(z, dz, ctx.activation, ctx.param)
+        grad_input, sum_dy, sum_dy_xhat = _synchronized_backward(
+            ctx, grad_output, output, y, dy, gamma, beta, scale, var_follows_batch, count, channels, dtype,
+        )
+        grad_weight = grad_bias = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = sum_dy_xhat.to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = sum_dy.to(ctx.bias_dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
+
+
+def _synchronized_backward(
+    ctx, grad_output: Tensor, output: Tensor, y: Tensor | None, dy: Tensor | None, gamma: Tensor,
+    beta: Tensor,
+    scale: Tensor, var_follows_batch: Tensor | None, count: Tensor | float, channels: int,
+    dtype: torch.dtype,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """The synchronised backward of :class:`.normalize.SyncNormalize`, from ``y`` and ``dy``:
+    local ``(sum dy, sum dy * xhat)``, one reducer call (the local reducer for one
+    participant), then dx in two passes, written into ``y`` where ``y`` is this backward's own
+    temporary (one full-size buffer fewer at the peak of backward)."""
+    if y is None or dy is None:
+        # Zeros computed from grad_output, so that a compiled backward keeps the collective
+        # in the backward graph (as SyncNormalize).
+        zeros = kernels.empty_batch_sums(grad_output, dtype)
+        local_sums = torch.cat([zeros, zeros])
+    else:
+        # torch's backward kernel with "mean" beta and "invstd" 1 / gamma: its sum of
+        # dy * (y - beta) / gamma is sum dy * xhat.
+        sum_dy, sum_dy_xhat = kernels.backward_sums(dy, y, None, beta, gamma.reciprocal(), 0.0)
+        local_sums = torch.cat([sum_dy.to(dtype), sum_dy_xhat.to(dtype)])
+    # Every participant calls the reducer, also with an empty batch.
+    global_sums = (ctx.reducer or LOCAL_REDUCER)(local_sums)
+    local_sum_dy, local_sum_dy_xhat = local_sums.chunk(2)
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)) with the global means, as
+        # SyncNormalize: xhat * w + b + dy * scale, with xhat = (y - beta) / gamma.
+        minus_scale_over_n = scale / -kernels.at_least(kernels.as_dtype(count, dtype), 1.0)
+        coefficients = global_sums.reshape(2, channels) * minus_scale_over_n
+        if var_follows_batch is not None:
+            coefficients[1].mul_(var_follows_batch)
+        b, w = coefficients.unbind()
+        if y is None or dy is None:
+            grad_input = torch.zeros_like(grad_output)
+        else:
+            slope = w / gamma
+            if ctx.activation == "identity" and output.dtype == dtype:  # y is the saved output itself
+                ones = torch.ones_like(gamma)
+                grad_input = kernels.normalized_affine(y, slope, b, beta, ones, ones, 0.0)
+            else:
+                grad_input = _scale_shift_(y, slope, b - beta * slope)
+            grad_input = grad_input.addcmul_(dy, kernels.per_channel(scale, y))
+            grad_input = grad_input.to(grad_output.dtype)
+    return grad_input, local_sum_dy, local_sum_dy_xhat
+
+
+InPlaceABN.forward.__signature__ = inspect.signature(InPlaceABN.forward)  # see normalize.py
+
+
+def batch_norm_act(
+    input: Tensor,
+    state: Mapping[str, Tensor] | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    training: bool,
+    reducer: Reducer | None = None,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    eps_mode: EpsMode = "plus",
+    activation: Activation = "leaky_relu",
+    activation_param: float = 0.01,
+    in_place: bool = True,
+) -> tuple[Tensor, State | None]:
+    """In-place activated batch norm: ``(act(batch_norm(x)), new_state)``, keeping one tensor.
+
+    The batch norm is :func:`.ops.batch_norm`'s (statistics over every participant of
+    ``reducer``, running statistics, eps modes, empty batches, checks); the activation follows.
+    In training with ``in_place=True`` the output is written into ``input``'s storage and
+    returned (the same tensor), and only it and O(C) statistics are kept for backward, which
+    recovers the normalised input from it: see :mod:`fsyncbn.functional.activated` for exactly
+    how this differs from batch norm + activation (the weight's magnitude is floored at
+    ``eps``; ReLU cannot run in place). Communication is that of :func:`.ops.sync_batch_norm`:
+    one reducer call forward (2C + 4 numbers), one backward (2C). Eval mode, and any call with
+    ``in_place=False``, return a new tensor.
+
+    Args:
+        input: ``(N, C, *)``. Overwritten in training with ``in_place=True``: it must not be a
+            leaf that requires grad, and its old value must not be needed later.
+        state: as :func:`.ops.batch_norm`.
+        weight: ``(C,)`` or None.
+        bias: ``(C,)`` or None.
+        training: normalise with batch statistics and update the state.
+        reducer: ``reducer(t) -> element-wise sum of t over all participants``, or None.
+        momentum: as :func:`.ops.batch_norm`.
+        eps: added to the variance, > 0; also the floor of ``|weight|`` in place.
+        eps_mode: as :func:`.ops.batch_norm`.
+        activation: ``"leaky_relu"``, ``"elu"``, ``"identity"``, or ``"relu"`` (``in_place=False``
+            only).
+        activation_param: the LeakyReLU slope or the ELU alpha (> 0 in place).
+        in_place: write the output into ``input`` in training (the memory saving).
+
+    Returns:
+        ``(output, new_state)`` as :func:`.ops.batch_norm`; ``output is input`` in training
+        with ``in_place=True``.
+
+    Raises:
+        TypeError: as :func:`.ops.batch_norm`; ``in_place`` or ``activation_param`` of the
+            wrong type.
+        ValueError: as :func:`.ops.batch_norm`; an unknown activation; ``"relu"`` or a slope
+            or alpha <= 0 with ``in_place=True``; with ``in_place=True`` in training, an input
+            that is a leaf requiring grad.
+        SynchronizationError: as :func:`.ops.batch_norm`.
+
+    Example:
+        >>> import torch
+        >>> from fsyncbn.functional import batch_norm_act, init_state
+        >>> x = torch.randn(8, 3, 4, 4)
+        >>> expected = torch.nn.functional.leaky_relu(
+        ...     torch.nn.functional.batch_norm(x, None, None, training=True), 0.01)
+        >>> y, state = batch_norm_act(x, init_state(3), training=True)
+        >>> y is x, torch.allclose(y, expected, atol=1e-5)
+        (True, True)
+    """
+    return run_batch_norm_act(
+        "batch_norm_act", input, state, weight, bias, training=training, momentum=momentum, eps=eps,
+        reducer=reducer, eps_mode=eps_mode, activation=activation, activation_param=activation_param,
+        in_place=in_place,
+    )
+
+
+def run_batch_norm_act(
+    fn: str,
+    input: Tensor,
+    state: Mapping[str, Tensor] | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    reducer: Reducer | None,
+    eps_mode: str,
+    activation: str,
+    activation_param: float,
+    in_place: bool,
+    state_in_place: bool = False,
+    checked: bool = False,
+) -> tuple[Tensor, State | None]:
+    """:func:`batch_norm_act` for a layer: ``state_in_place`` and ``checked`` as
+    :func:`.ops.run_batch_norm`'s ``in_place`` and ``checked`` (the layer's buffers are
+    written; its configuration was checked before)."""
+    if not checked:
+        check_arguments(
+            fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
+            eps_mode=eps_mode, reducer=reducer,
+        )
+    check_activation(fn, activation, activation_param, in_place)
+    param = float(activation_param)
+    if not (in_place and training):
+        if in_place and weight is not None:
+            weight = effective_weight(weight, float(eps))  # the same function as in training
+        output, new_state = run_batch_norm(
+            fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
+            reducer=reducer, eps_mode=eps_mode, in_place=state_in_place, checked=True,
+        )
+        # The norm's output is fresh and its backward does not read it: activate in place.
+        return activate(output, activation, param, in_place=True), new_state
+    if input.is_leaf and input.requires_grad:
+        raise ValueError(
+            f"{fn}: in_place=True overwrites the input, which is a leaf tensor that requires grad "
+            "(autograd cannot modify it in place); pass input.clone(), or use in_place=False"
+        )
+    if reducer is None:
+        check_local_batch_size(fn, input)
+    moments = global_moments(fn, input, reducer or LOCAL_REDUCER, training=True)
+    terms = normalization_terms(moments.var, float(eps), eps_mode)
+    output = InPlaceABN.apply(
+        input, weight, bias, moments.mean, terms.var, terms.eps, terms.var_follows_batch,
+        moments.count, reducer, activation, param, float(eps),
+    )
+    if state is None:
+        return output, None
+    dtype = moments.mean.dtype
+    factor = update_factor(state, momentum, dtype)
+    took_part = kernels.participation(moments.count, dtype)
+    if took_part is not None:
+        factor = factor * took_part
+    if state_in_place:
+        update_state_in_place(state, moments.mean, moments.var_unbiased, factor)
+        return output, state  # type: ignore[return-value]
+    return output, next_state(state, moments.mean, moments.var_unbiased, factor)
