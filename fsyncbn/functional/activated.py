@@ -53,11 +53,12 @@ from torch import Tensor
 
 from . import kernels
 from .checks import check_arguments, check_local_batch_size, values_per_channel
+from .host import as_dtype, at_least, participation
 from .moments import global_moments, stats_dtype
 from .normalize import normalization_terms
 from .ops import EpsMode, run_batch_norm
 from .reducer import LOCAL_REDUCER, Reducer
-from .state import State, next_state, update_factor, update_state_in_place
+from .state import State, commit
 
 Activation = Literal["leaky_relu", "elu", "identity", "relu"]
 ACTIVATIONS = ("leaky_relu", "elu", "identity", "relu")
@@ -202,7 +203,8 @@ class InPlaceABN(torch.autograd.Function):
             dz = grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
             y, dy = invert_activation(z, dz, ctx.activation, ctx.param)
         grad_input, sum_dy, sum_dy_xhat = _synchronized_backward(
-            ctx, grad_output, output, y, dy, gamma, beta, scale, var_follows_batch, count, channels, dtype,
+            ctx, grad_output, output, y, dy, gamma, beta, invstd, scale, var_follows_batch, count,
+            channels, dtype,
         )
         grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
@@ -214,8 +216,7 @@ class InPlaceABN(torch.autograd.Function):
 
 def _synchronized_backward(
     ctx, grad_output: Tensor, output: Tensor, y: Tensor | None, dy: Tensor | None, gamma: Tensor,
-    beta: Tensor,
-    scale: Tensor, var_follows_batch: Tensor | None, count: Tensor | float, channels: int,
+    beta: Tensor, invstd: Tensor, scale: Tensor, var_follows_batch: Tensor | None, count: Tensor | float, channels: int,
     dtype: torch.dtype,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     """The synchronised backward of :class:`.normalize.SyncNormalize`, from ``y`` and ``dy``:
@@ -226,23 +227,25 @@ def _synchronized_backward(
         # Zeros computed from grad_output, so that a compiled backward keeps the collective
         # in the backward graph (as SyncNormalize).
         zeros = kernels.empty_batch_sums(grad_output, dtype)
+        local_sum_dy = local_sum_dy_xhat = zeros
         local_sums = torch.cat([zeros, zeros])
     else:
         # torch's backward kernel with "mean" beta and "invstd" 1 / gamma: its sum of
         # dy * (y - beta) / gamma is sum dy * xhat.
-        sum_dy, sum_dy_xhat = kernels.backward_sums(dy, y, None, beta, gamma.reciprocal(), 0.0)
-        local_sums = torch.cat([sum_dy.to(dtype), sum_dy_xhat.to(dtype)])
+        local_sum_dy, local_sum_dy_xhat = kernels.backward_sums(dy, y, None, beta, gamma.reciprocal(), 0.0)
+        local_sum_dy, local_sum_dy_xhat = local_sum_dy.to(dtype), local_sum_dy_xhat.to(dtype)
+        # The wire format's backward message (see .message): sum dy * (x - mean).
+        local_sums = torch.cat([local_sum_dy, local_sum_dy_xhat / invstd])
     # Every participant calls the reducer, also with an empty batch.
     global_sums = (ctx.reducer or LOCAL_REDUCER)(local_sums)
-    local_sum_dy, local_sum_dy_xhat = local_sums.chunk(2)
     grad_input = None
     if ctx.needs_input_grad[0]:
         # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)) with the global means, as
         # SyncNormalize: xhat * w + b + dy * scale, with xhat = (y - beta) / gamma.
-        minus_scale_over_n = scale / -kernels.at_least(kernels.as_dtype(count, dtype), 1.0)
+        minus_scale_over_n = scale / -at_least(as_dtype(count, dtype), 1.0)
         coefficients = global_sums.reshape(2, channels) * minus_scale_over_n
-        if var_follows_batch is not None:
-            coefficients[1].mul_(var_follows_batch)
+        # mean(dy * xhat) = invstd * mean(dy * (x - mean)); clamp mode drops the xhat term.
+        coefficients[1].mul_(invstd if var_follows_batch is None else invstd * var_follows_batch)
         b, w = coefficients.unbind()
         if y is None or dy is None:
             grad_input = torch.zeros_like(grad_output)
@@ -385,12 +388,5 @@ def run_batch_norm_act(
     )
     if state is None:
         return output, None
-    dtype = moments.mean.dtype
-    factor = update_factor(state, momentum, dtype)
-    took_part = kernels.participation(moments.count, dtype)
-    if took_part is not None:
-        factor = factor * took_part
-    if state_in_place:
-        update_state_in_place(state, moments.mean, moments.var_unbiased, factor)
-        return output, state  # type: ignore[return-value]
-    return output, next_state(state, moments.mean, moments.var_unbiased, factor)
+    took_part = participation(moments.count, moments.mean.dtype)
+    return output, commit(state, moments.mean, moments.var_unbiased, momentum, took_part, state_in_place)
