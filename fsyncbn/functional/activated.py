@@ -216,8 +216,8 @@ class InPlaceABN(torch.autograd.Function):
 
 def _synchronized_backward(
     ctx, grad_output: Tensor, output: Tensor, y: Tensor | None, dy: Tensor | None, gamma: Tensor,
-    beta: Tensor, invstd: Tensor, scale: Tensor, var_follows_batch: Tensor | None, count: Tensor | float, channels: int,
-    dtype: torch.dtype,
+    beta: Tensor, invstd: Tensor, scale: Tensor, var_follows_batch: Tensor | None,
+    count: Tensor | float, channels: int, dtype: torch.dtype,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     """The synchronised backward of :class:`.normalize.SyncNormalize`, from ``y`` and ``dy``:
     local ``(sum dy, sum dy * xhat)``, one reducer call (the local reducer for one
