@@ -89,6 +89,18 @@ def _check_stats(stats_dir: Path, world_size: int) -> None:
             torch.testing.assert_close(stats[key], reference[key], rtol=1e-10, atol=1e-10)
 
 
+def test_ddp_torchrun_runs_alone_as_a_group_of_one(tmp_path):
+    """Plain ``python``, no torchrun: one process whose statistics are its own batch's."""
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in launcher}
+    result = subprocess.run([sys.executable, "examples/ddp_torchrun.py", "--stats-dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**env, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "rank 0/1: running_mean of the first BN" in result.stdout
+    _check_stats(tmp_path, 1)
+
+
 @pytest.mark.distributed
 def test_ddp_torchrun_one_node(tmp_path):
     _run("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
