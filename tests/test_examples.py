@@ -36,22 +36,30 @@ def _load(name: str):
     return module
 
 
-def test_small_batch_demo(tmp_path):
-    out = _run("examples/small_batch.py", "--world-size", "2", "--per-process-batch", "2",
-               "--max-steps", "30", "--no-progress", "--out", str(tmp_path / "plot.png"),
+def test_small_batch_demo_reproduces_the_published_quick_figures(tmp_path):
+    """The demo's quick mode, rerun, gives the figures of docs/results/demo_quick.json within the
+    tolerance the README states (benchmarks.report.DEMO_TOLERANCE)."""
+    from benchmarks import report
+
+    assert _load("small_batch").QUICK_STEPS == report.QUICK_STEPS
+    out = _run("examples/small_batch.py", "--quick", "--out", str(tmp_path / "plot.png"),
                "--results", str(tmp_path / "demo.json"))
-    gap = float(re.search(r"largest \|loss \(ii\) - loss \(iii\)\| over 30 steps: (\S+)", out)[1])
+    steps = report.QUICK_STEPS
+    gap = float(re.search(rf"largest \|loss \(ii\) - loss \(iii\)\| over {steps} steps: (\S+)", out)[1])
     assert gap < 1e-9, out
     assert (tmp_path / "plot.png").stat().st_size > 10_000
-    for run in ("(i) 2x2 nn.BatchNorm", "(ii) 2x2 fsyncbn", "(iii) 1x4 nn.BatchNorm"):
-        assert run in out
-    # The results file holds the printed figures (the README's demo table is made from it).
     figures = json.loads((tmp_path / "demo.json").read_text())
-    assert figures["settings"]["steps"] == 30 and figures["settings"]["world_size"] == 2
+    published = json.loads(report.DEMO_QUICK.read_text())
+    assert figures["settings"] == published["settings"] and figures["settings"]["steps"] == steps
     assert f"{figures['largest_loss_gap_ii_iii']:.2e}" in out
-    for run in figures["runs"]:
+    for run, ref in zip(figures["runs"], published["runs"], strict=True):
+        assert run["name"] == ref["name"]
+        # The results file holds the printed figures.
         row = rf"{re.escape(run['name'])}\s+{run['test_accuracy']:.3f}\s+{run['loss_last_50']:.4f}"
         assert re.search(row, out), (run, out)
+        for key, tolerance in report.DEMO_TOLERANCE.items():
+            assert abs(run[key] - ref[key]) <= tolerance, (key, run, ref)
+    assert published["largest_loss_gap_ii_iii"] < 1e-9
 
 
 def test_functional_example():
