@@ -190,12 +190,13 @@ def run_all(cfg: Config) -> dict[str, dict]:
     single = Config(**{**cfg.__dict__, "world_size": 1,
                        "per_process_batch": cfg.per_process_batch * cfg.world_size})
     runs[run_name(single, False, False)] = train(0, 1, single, sync=False, distributed=False)
+    seconds = time.monotonic() - start  # the three runs
     # Run (i) barely learns, and how far it gets is chaotic: rounding-sized changes move it. Rerun
     # it with the initial weights scaled by 1 + k * 1e-12: the spread of those runs is what a
     # different machine (other kernels, other rounding) may show.
     runs["spread"] = [run_distributed(Config(**{**cfg.__dict__, "perturbation": k * 1e-12}), sync=False)
                       for k in range(1, cfg.spread + 1)]  # type: ignore[assignment]
-    runs["seconds"] = time.monotonic() - start  # type: ignore[assignment]
+    runs["seconds"] = seconds  # type: ignore[assignment]
     return runs
 
 
