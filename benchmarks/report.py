@@ -267,7 +267,7 @@ def demo_block(demo: dict) -> str:
                   f"machine's kernels. Over {spread['runs']} runs with initial weights that far apart, its "
                   f"test accuracy ranged from {acc[0]:.3f} to {acc[1]:.3f} and its loss from {loss[0]:.3f} "
                   f"to {loss[1]:.3f}: expect yours in about that range. {names[1].split(' ')[0]} and "
-                  f"{names[2].split(' ')[0]} learn steadily and do not move that way."]
+                  f"{names[2].split(' ')[0]} learn steadily: theirs are the figures to reproduce."]
     tolerance = (f"test accuracy within {DEMO_TOLERANCE['test_accuracy']:g} and training loss within "
                  f"{DEMO_TOLERANCE['loss_last_50']:g}")
     first, second, third = (name.split(" ")[0] for name in names)
