@@ -128,6 +128,59 @@ def conv_net() -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
 
 
+class NaiveSyncBatchNorm2d(nn.BatchNorm2d):
+    """The synchronised peer of case d: detectron2's NaiveSyncBatchNorm algorithm, written here.
+
+    In training, each layer all-reduces one vector ``[mean, E[x^2]]`` (2C numbers, the input's
+    dtype) over the ranks, averages it, takes ``var = E[x^2] - mean^2`` and normalises; backward
+    all-reduces the gradient of that vector (a differentiable all_reduce). Equal batches per rank
+    only, as detectron2's default mode. Running statistics follow its update (biased variance).
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training or dist.get_world_size() == 1:
+            return super().forward(input)
+        channels = input.shape[1]
+        moments = torch.cat([input.mean(dim=(0, 2, 3)), (input * input).mean(dim=(0, 2, 3))])
+        mean, mean_square = (_AllReduceSum.apply(moments) / dist.get_world_size()).split(channels)
+        var = mean_square - mean * mean
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        shift = self.bias - mean * scale
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var, self.momentum)
+        return input * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """A sum over the ranks whose backward is the sum of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def naive_sync(model: nn.Module) -> nn.Module:
+    """``model`` with every nn.BatchNorm2d replaced by a NaiveSyncBatchNorm2d holding its tensors."""
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            peer = NaiveSyncBatchNorm2d(child.num_features, child.eps, child.momentum,
+                                        dtype=child.running_mean.dtype)
+            peer.load_state_dict(child.state_dict())
+            setattr(model, name, peer)
+        else:
+            naive_sync(child)
+    return model
+
+
 class CountingAllReduce:
     """Counts fsyncbn's collectives (calls and bytes) by wrapping its all_reduce."""
 
@@ -152,6 +205,9 @@ class CountingAllReduce:
         self.module.all_reduce_sum = self.original
 
 
+PEER = "NaiveSyncBatchNorm algorithm (synchronised)"
+
+
 def _ddp_worker(rank: int, world_size: int, port: int, quick: bool, results) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -161,7 +217,8 @@ def _ddp_worker(rank: int, world_size: int, port: int, quick: bool, results) -> 
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(8, 3, 32, 32, generator=gen)
     y = torch.randint(0, 10, (8,), generator=gen)
-    nets = {"fsyncbn": DDP(convert_model(conv_net())), "nn.BatchNorm2d": DDP(conv_net())}
+    nets = {"fsyncbn": DDP(convert_model(conv_net())), "nn.BatchNorm2d": DDP(conv_net()),
+            PEER: DDP(naive_sync(conv_net()))}
     opts = {k: torch.optim.SGD(v.parameters(), lr=0.01) for k, v in nets.items()}
 
     def step(name: str) -> Callable[[], None]:
@@ -176,15 +233,20 @@ def _ddp_worker(rank: int, world_size: int, port: int, quick: bool, results) -> 
     step("fsyncbn")()  # first step: each layer's one-time size check
     with CountingAllReduce() as counter:
         step("fsyncbn")()
-    r = compare(step("fsyncbn"), step("nn.BatchNorm2d"), rounds=5 if quick else 9,
-                iters=3 if quick else 10)
+    step(PEER)()
+    rounds, iters = (5, 3) if quick else (9, 10)
+    r = compare(step("fsyncbn"), step("nn.BatchNorm2d"), rounds=rounds, iters=iters)
+    peer = compare(step("fsyncbn"), step(PEER), rounds=rounds, iters=iters)
     latency = _all_reduce_latency_us(counter.bytes // max(counter.calls, 1) // 8)
     if rank == 0:
         # The floor: torch's step plus the BN collectives at this latency, with no compute.
         floor = (r.theirs_us + counter.calls * latency) / r.theirs_us
-        results.put({"case": "d DDP step, 2 gloo processes, 7 BN layers", **r.__dict__,
-                     "bn_collectives_per_step": counter.calls, "bn_bytes_per_step": counter.bytes,
-                     "all_reduce_us": latency, "latency_floor_ratio": floor})
+        common = {"case": "d DDP step, 2 gloo processes, 7 BN layers",
+                  "bn_collectives_per_step": counter.calls, "bn_bytes_per_step": counter.bytes,
+                  "all_reduce_us": latency}
+        results.put([{**common, "vs": "nn.BatchNorm2d (not synchronised)", **r.__dict__,
+                      "latency_floor_ratio": floor},
+                     {**common, "vs": PEER, **peer.__dict__}])
     # DDP models destroyed after their process group made gloo abort at interpreter exit
     # ("terminate called without an active exception") in 3 of 4 runs: free them first.
     nets.clear()
@@ -219,7 +281,7 @@ def ddp_step(quick: bool) -> list[dict]:
     results = ctx.SimpleQueue()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_ddp_worker, args=(2, port, quick, results), nprocs=2)
-    return [results.get()]
+    return results.get()
 
 
 # --- e: communication per layer against world size -----------------------------------

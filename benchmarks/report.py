@@ -24,7 +24,13 @@ DEMO = ROOT / "docs" / "results" / "demo.json"
 INPLACE_ABN = RESULTS / "inplace_abn_cpu.json"  # case g, written by python -m benchmarks.inplace_abn
 README = ROOT / "README.md"
 BENCHMARKS_README = ROOT / "benchmarks" / "README.md"
+DEMO_QUICK = ROOT / "docs" / "results" / "demo_quick.json"
 DEVICES = ("cpu", "cuda")  # the order of columns and sections
+# How far a rerun of the demo's quick mode may be from docs/results/demo_quick.json (tests check it,
+# the README states it); QUICK_STEPS as examples/small_batch.py --quick.
+DEMO_TOLERANCE = {"test_accuracy": 0.01, "loss_last_50": 1e-3}
+DEMO_BEHIND = 0.3  # run (i)'s loss stays at least this far above run (ii)'s in the quick mode
+QUICK_STEPS = 40
 
 _SPEED_KEYS = {"shape", "mode", "vs", "ours_us", "theirs_us", "ratio", "low", "high"}
 
@@ -68,12 +74,17 @@ def markdown(results: dict) -> str:
                   for r in memory]
     ddp = [r for r in rows if _letter(r) == "d"]
     if ddp:
-        lines += ["", "| case | fsyncbn ms | nn.BatchNorm2d ms | ratio (spread) | BN collectives/step | "
-                  "BN bytes/step | one all_reduce ms | latency floor |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['case']} | {r['ours_us'] / 1e3:.1f} | {r['theirs_us'] / 1e3:.1f} | "
-                  f"{r['ratio']:.2f} ({r['low']:.2f}-{r['high']:.2f}) | {r['bn_collectives_per_step']} | "
-                  f"{r['bn_bytes_per_step']} | {r['all_reduce_us'] / 1e3:.2f} | "
-                  f"{r['latency_floor_ratio']:.2f} |" for r in ddp]
+        lines += ["", "| case | against | fsyncbn ms | theirs ms | ratio (spread) | BN collectives/step | "
+                  "BN bytes/step | one all_reduce ms | latency floor |", "|" + "---|" * 9]
+        lines += [f"| {r['case']} | {r.get('vs', 'nn.BatchNorm2d')} | {r['ours_us'] / 1e3:.1f} | "
+                  f"{r['theirs_us'] / 1e3:.1f} | {r['ratio']:.2f} ({r['low']:.2f}-{r['high']:.2f}) | "
+                  f"{r['bn_collectives_per_step']} | {r['bn_bytes_per_step']} | "
+                  f"{r['all_reduce_us'] / 1e3:.2f} | "
+                  + (f"{r['latency_floor_ratio']:.2f} |" if "latency_floor_ratio" in r else "- |")
+                  for r in ddp]
+        lines += ["", "Latency floor: the step of nn.BatchNorm2d plus one idle all_reduce per BN collective, "
+                  "over the step of nn.BatchNorm2d: the least ratio any synchronised layer could reach "
+                  "against it here."]
     comm = [r for r in rows if _letter(r) == "e"]
     if comm:
         lines += ["", "Numbers per layer and step (a collective counts the numbers in its result: an "
@@ -133,15 +144,46 @@ def _speed_span(rows: list[dict], case: str, mode: str) -> str | None:
     return _span(ratios) if ratios else None
 
 
+# The summary lines of README.md, each with the one plain line that says what it measures.
+LOCAL_EAGER = "one layer, not synchronised (no process group), eager"
+LOCAL_COMPILED = "the same, both compiled"
+SYNC_EAGER = "one layer through the synchronised path, with one participant, eager"
+SYNC_COMPILED = "the same, fsyncbn compiled, against eager nn.BatchNorm"
+DDP_PLAIN = "a DDP training step (2 gloo processes, 7 BN layers) against nn.BatchNorm2d"
+DDP_PEER = "the same step against a synchronised peer (detectron2's NaiveSyncBatchNorm algorithm)"
+MEMORY = "memory kept for backward, against nn.BatchNorm's"
+EXPLAINED = {
+    LOCAL_EAGER: "a training step (forward + backward) of one layer outside any process group, "
+                 "the case of a model converted but run in one process",
+    LOCAL_COMPILED: "the same step, fsyncbn's layer and nn.BatchNorm both under torch.compile",
+    SYNC_EAGER: "the code path of a real multi-process run, with a reducer that returns its input: "
+                "the cost of fsyncbn's bookkeeping, without any communication",
+    SYNC_COMPILED: "the same path under torch.compile, against the eager nn.BatchNorm it replaces",
+    DDP_PLAIN: "nn.BatchNorm2d does not synchronise, so this is the price of synchronising: one "
+               "all_reduce round trip per layer in forward and one in backward",
+    DDP_PEER: "a layer that also synchronises, written in the benchmark: one all_reduce of [mean, "
+              "E[x^2]] per layer forward and one backward, as fsyncbn; below 1 fsyncbn is faster",
+    MEMORY: "the bytes that autograd keeps between forward and backward, per channel",
+}
+
+
+def _bytes_phrase(extras: list[float]) -> str:
+    """Memory beyond torch's, in words: "the same", "up to 8 bytes less per channel", ..."""
+    low, high = min(extras), max(extras)
+    if low == high == 0:
+        return "the same"
+    if high <= 0:
+        return f"the same or less (up to {-low:.0f} bytes less per channel)"
+    return f"up to {high:.0f} bytes more per channel"
+
+
 def _summary_rows(results: dict) -> dict[str, str]:
     rows = results["rows"]
     summary = {
-        "a local layer, eager, against eager nn.BatchNorm": _speed_span(rows, "a", "eager"),
-        "a local layer, compiled, against compiled nn.BatchNorm": _speed_span(rows, "a", "compiled"),
-        "the synchronised path (1 participant), eager, against eager nn.BatchNorm":
-            _speed_span(rows, "b", "eager"),
-        "the synchronised path (1 participant), compiled, against eager nn.BatchNorm":
-            _speed_span(rows, "b", "compiled"),
+        LOCAL_EAGER: _speed_span(rows, "a", "eager"),
+        LOCAL_COMPILED: _speed_span(rows, "a", "compiled"),
+        SYNC_EAGER: _speed_span(rows, "b", "eager"),
+        SYNC_COMPILED: _speed_span(rows, "b", "compiled"),
     }
     # Timed cases without a summary line of their own (a new case): one line per case, mode and
     # reference, over its shapes.
@@ -151,12 +193,16 @@ def _summary_rows(results: dict) -> dict[str, str]:
             summary.setdefault(label, _span([r["ratio"] for r in rows if _is_speed(r) and (
                 r["case"], r["mode"], r["vs"]) == (row["case"], row["mode"], row["vs"])]))
     ddp = [r for r in rows if _letter(r) == "d"]
-    if ddp:
-        summary["a DDP training step (2 gloo processes, 7 BN layers) against nn.BatchNorm2d"] = (
-            _span([r["ratio"] for r in ddp]))
+    plain = [r["ratio"] for r in ddp if "latency_floor_ratio" in r or "vs" not in r]
+    peer = [r["ratio"] for r in ddp if "latency_floor_ratio" not in r and "vs" in r]
+    floors = [r["latency_floor_ratio"] for r in ddp if "latency_floor_ratio" in r]
+    if plain:
+        summary[DDP_PLAIN] = _span(plain) + (f" (floor {_span(floors)})" if floors else "")
+    if peer:
+        summary[DDP_PEER] = _span(peer)
     memory = [r["extra_bytes"] / max(r["channels"], 1) for r in rows if _letter(r) == "c"]
     if memory:
-        summary["bytes saved for backward beyond torch's, per channel"] = _span(memory, 0)
+        summary[MEMORY] = _bytes_phrase(memory)
     return {k: v for k, v in summary.items() if v is not None}
 
 
@@ -170,18 +216,27 @@ def performance_block(results_by_device: dict[str, dict]) -> str:
     header = [f"{d.upper()}: {results_by_device[d]['machine']}"
               + (" (quick run)" if results_by_device[d]["quick"] else "") for d in devices]
     sources = ", ".join(f"`benchmarks/results/{d}.json`" for d in devices)
-    lines = ["Time ratio fsyncbn / torch (below 1: fsyncbn is faster): the lowest and highest median "
-             f"over the benchmark's shapes, from {sources}.", "",
+    lines = ["Time of fsyncbn over time of torch (below 1: fsyncbn is faster; a range: the lowest and "
+             f"highest over the benchmark's shapes), from {sources}.", "",
              "| | " + " | ".join(header) + " |", "|---|" + "---|" * len(devices)]
     lines += [f"| {label} | " + " | ".join(summaries[d].get(label, "-") for d in devices) + " |"
               for label in labels]
+    explained = [label for label in labels if label in EXPLAINED]
+    if explained:
+        lines += ["", "What each line measures:", ""]
+        lines += [f"- *{label}*: {EXPLAINED[label]}." for label in explained]
+    if any(DDP_PLAIN in summaries[d] and "floor" in summaries[d][DDP_PLAIN] for d in devices):
+        lines += ["- *floor*: the ratio the DDP step would have if each of those all_reduce round trips "
+                  "cost its idle latency and nothing else: no synchronised layer can go below it."]
     timed = [r for d in devices for r in results_by_device[d]["rows"] if "low" in r and "high" in r]
     if timed:
         lines += ["", f"Single rounds ranged from {min(r['low'] for r in timed):.2f} to "
                   f"{max(r['high'] for r in timed):.2f} (a wide range means a busy machine)."]
     if "cuda" not in devices:
-        lines += ["", "No GPU results file yet (`python -m benchmarks --device cuda` writes "
-                  "`benchmarks/results/cuda.json`)."]
+        lines += ["", "GPU: not timed yet. The CUDA path runs torch's own sync-BN kernels for every pass "
+                  "over the data and fsyncbn's O(C) steps between them; its sequence of operations is proven "
+                  "against references on CPU. `python -m benchmarks --device cuda --cases a,b,f` writes "
+                  "`benchmarks/results/cuda.json`, and its figures appear here."]
     comm = [r for d in devices for r in results_by_device[d]["rows"] if _letter(r) == "e"]
     if comm:
         widest = max(comm, key=lambda r: r["world_size"])
@@ -205,6 +260,23 @@ def demo_block(demo: dict) -> str:
               for run in demo["runs"]]
     lines += ["", f"The loss curves of {names[1].split(' ')[0]} and {names[2].split(' ')[0]} differ by at "
               f"most {demo['largest_loss_gap_ii_iii']:.1e} over the {s['steps']} steps."]
+    spread = demo.get("spread_i")
+    if spread:
+        acc, loss = spread["test_accuracy"], spread["loss_last_50"]
+        lines += ["", f"Run {names[0].split(' ')[0]} barely learns, and where it ends is chaotic: changing "
+                  "its initial weights by one part in 10^12 moves it, and so does the rounding of another "
+                  f"machine's kernels. Over {spread['runs']} runs with initial weights that far apart, its "
+                  f"test accuracy ranged from {acc[0]:.3f} to {acc[1]:.3f} and its loss from {loss[0]:.3f} "
+                  f"to {loss[1]:.3f}: expect yours in about that range. {names[1].split(' ')[0]} and "
+                  f"{names[2].split(' ')[0]} learn steadily: theirs are the figures to reproduce."]
+    tolerance = (f"test accuracy within {DEMO_TOLERANCE['test_accuracy']:g} and training loss within "
+                 f"{DEMO_TOLERANCE['loss_last_50']:g}")
+    first, second, third = (name.split(" ")[0] for name in names)
+    lines += ["", "Every process runs one thread with deterministic kernels and the same data order, so "
+              "a rerun on the same machine repeats every figure. The tests rerun the quick mode "
+              f"(`--quick`: the first {QUICK_STEPS} steps) and check {second} and {third} against "
+              f"`docs/results/demo_quick.json`: {tolerance}; {first}, chaotic already there, only "
+              f"to end with a training loss at least {DEMO_BEHIND:g} above {second}'s."]
     return "\n".join(lines) + "\n"
 
 
@@ -257,7 +329,9 @@ def benchmarks_readme(results_by_device: dict[str, dict]) -> str:
         "Cases: (a) one layer's forward + backward against nn.BatchNorm, eager and compiled; "
         "(b) the synchronised path with one participant against eager nn.BatchNorm; (c) bytes "
         "saved for backward; (d) a DDP training step, 2 gloo processes, a conv net with 7 BN "
-        "layers; (e) numbers sent per layer and step against the world size.\n",
+        "layers, against nn.BatchNorm2d (not synchronised) and against a synchronised peer (detectron2's "
+        "NaiveSyncBatchNorm algorithm, written in benchmarks/cases.py); (e) numbers sent per layer and "
+        "step against the world size.\n",
     ]
     for device in DEVICES:
         if device in results_by_device:

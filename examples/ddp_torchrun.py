@@ -1,5 +1,9 @@
 """DDP with synchronized batch norm, launched by torchrun (gloo on CPU, nccl on GPUs).
 
+Alone, as a group of one process (statistics over its own batch, as plain batch norm):
+
+    python examples/ddp_torchrun.py
+
 One machine, two processes:
 
     torchrun --nproc-per-node 2 examples/ddp_torchrun.py
@@ -71,8 +75,11 @@ def main() -> None:
     args = parser.parse_args()
 
     use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo",
-                            timeout=datetime.timedelta(seconds=args.timeout))
+    backend, timeout = "nccl" if use_cuda else "gloo", datetime.timedelta(seconds=args.timeout)
+    if dist.is_torchelastic_launched():  # torchrun set RANK, WORLD_SIZE and the rendezvous
+        dist.init_process_group(backend, timeout=timeout)
+    else:  # started alone: a group of one, with no address to agree on
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else None
     if device is not None:
@@ -88,6 +95,7 @@ def main() -> None:
         torch.save(stats, args.stats_dir / f"rank{rank}.pt")
     print(f"rank {rank}/{world_size}: running_mean of the first BN = "
           f"{stats['1.running_mean'][:3].tolist()}")
+    del ddp  # a DDP model must not outlive its process group (gloo may abort at exit)
     dist.destroy_process_group()
 
 

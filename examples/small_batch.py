@@ -13,7 +13,12 @@ plot of the three loss curves. With ``--results`` it also writes the figures as 
 README's demo table is generated from docs/results/demo.json (``python -m benchmarks.report``).
 
     python examples/small_batch.py [--world-size 4] [--per-process-batch 2] [--epochs 2]
-    python examples/small_batch.py --out docs/small_batch.png --results docs/results/demo.json
+    python examples/small_batch.py --out docs/small_batch.png --results docs/results/demo.json --spread 4
+    python examples/small_batch.py --quick --out /tmp/quick.png --results docs/results/demo_quick.json
+
+Every process runs one thread with deterministic kernels and the same data order, so a rerun on
+the same kind of machine gives the same figures; run (i) is chaotic (it barely learns, and
+rounding-sized changes move it), so ``--spread`` measures its range (the README gives it).
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ class Config:
     show_progress: bool = True
     max_steps: int | None = None
     results: str | None = None
+    perturbation: float = 0.0  # initial weights scaled by (1 + perturbation): see --spread
+    spread: int = 0
 
 
 def load_digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -67,9 +74,9 @@ def load_digits_split(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return images[train], labels[train], images[test], labels[test]
 
 
-def make_model(seed: int) -> nn.Module:
+def make_model(seed: int, perturbation: float = 0.0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(
+    model = nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
         nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
         nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
@@ -78,6 +85,17 @@ def make_model(seed: int) -> nn.Module:
         # value per image, so 2 images per process give 2 values per channel.
         nn.Linear(32, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10),
     ).double()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1 + perturbation)
+    return model
+
+
+def fix_threads() -> None:
+    """One thread per process and deterministic kernels: the figures then depend on the data
+    and the seed, not on the machine's core count or load (which change the order of sums)."""
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
 
 
 def global_batches(n_train: int, global_batch: int, epochs: int, seed: int) -> list[torch.Tensor]:
@@ -101,7 +119,7 @@ def train(rank: int, world_size: int, cfg: Config, sync: bool, distributed: bool
     """Train on this rank's share of every global batch; return loss curve and accuracy."""
     x_train, y_train, x_test, y_test = load_digits_split(cfg.seed)
     per = cfg.per_process_batch
-    model = make_model(cfg.seed)
+    model = make_model(cfg.seed, cfg.perturbation)
     if sync:
         model = convert_model(model)
     net = DDP(model) if distributed else model
@@ -142,7 +160,7 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, cfg: Config, sync: bool, port: int, results) -> None:
-    torch.set_num_threads(1)
+    fix_threads()
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=cfg.world_size,
         timeout=datetime.timedelta(seconds=60),  # a lost peer fails the run, never hangs it
@@ -164,6 +182,7 @@ def run_distributed(cfg: Config, sync: bool) -> dict:
 
 def run_all(cfg: Config) -> dict[str, dict]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    fix_threads()
     runs = {}
     start = time.monotonic()
     runs[run_name(cfg, False, True)] = run_distributed(cfg, sync=False)
@@ -171,14 +190,20 @@ def run_all(cfg: Config) -> dict[str, dict]:
     single = Config(**{**cfg.__dict__, "world_size": 1,
                        "per_process_batch": cfg.per_process_batch * cfg.world_size})
     runs[run_name(single, False, False)] = train(0, 1, single, sync=False, distributed=False)
-    runs["seconds"] = time.monotonic() - start  # type: ignore[assignment]
+    seconds = time.monotonic() - start  # the three runs
+    # Run (i) barely learns, and how far it gets is chaotic: rounding-sized changes move it. Rerun
+    # it with the initial weights scaled by 1 + k * 1e-12: the spread of those runs is what a
+    # different machine (other kernels, other rounding) may show.
+    runs["spread"] = [run_distributed(Config(**{**cfg.__dict__, "perturbation": k * 1e-12}), sync=False)
+                      for k in range(1, cfg.spread + 1)]  # type: ignore[assignment]
+    runs["seconds"] = seconds  # type: ignore[assignment]
     return runs
 
 
 def summary(runs: dict, cfg: Config) -> dict:
     """The figures of a run, as written to ``--results``: settings, machine, and per run the
     test accuracy and the mean training loss of the last 50 steps."""
-    names = [k for k in runs if k != "seconds"]
+    names = [k for k in runs if k not in ("seconds", "spread")]
     gap = max(abs(a - b) for a, b in zip(runs[names[1]]["losses"], runs[names[2]]["losses"],
                                          strict=True))
     return {
@@ -191,13 +216,22 @@ def summary(runs: dict, cfg: Config) -> dict:
                   "loss_last_50": sum(runs[name]["losses"][-50:]) / len(runs[name]["losses"][-50:])}
                  for name in names],
         "largest_loss_gap_ii_iii": gap,
+        **({"spread_i": _spread(names[0], [runs[names[0]], *runs["spread"]])} if runs.get("spread") else {}),
     }
+
+
+def _spread(name: str, runs: list[dict]) -> dict:
+    """The range of run (i)'s figures over itself and its reruns with perturbed initial weights."""
+    accuracy = [run["accuracy"] for run in runs]
+    loss = [sum(run["losses"][-50:]) / len(run["losses"][-50:]) for run in runs]
+    return {"name": name, "runs": len(runs), "perturbation": "initial weights x (1 + k * 1e-12)",
+            "test_accuracy": [min(accuracy), max(accuracy)], "loss_last_50": [min(loss), max(loss)]}
 
 
 def report(runs: dict, cfg: Config) -> float:
     """Print the table, write the plot (and ``cfg.results``); return the largest (ii) - (iii)
     loss gap."""
-    names = [k for k in runs if k != "seconds"]
+    names = [k for k in runs if k not in ("seconds", "spread")]
     figures = summary(runs, cfg)
     gap = figures["largest_loss_gap_ii_iii"]
     if cfg.results:
@@ -213,6 +247,11 @@ def report(runs: dict, cfg: Config) -> float:
         tail = runs[name]["losses"][-50:]
         print(f"{name:<26}{runs[name]['accuracy']:>15.3f}{sum(tail) / len(tail):>27.4f}")
     print(f"largest |loss (ii) - loss (iii)| over {len(runs[names[1]]['losses'])} steps: {gap:.2e}")
+    if "spread_i" in figures:
+        sp = figures["spread_i"]
+        print(f"{names[0]} over {sp['runs']} runs, initial weights x (1 + k * 1e-12): test accuracy "
+              f"{sp['test_accuracy'][0]:.3f} to {sp['test_accuracy'][1]:.3f}, loss "
+              f"{sp['loss_last_50'][0]:.3f} to {sp['loss_last_50'][1]:.3f}")
 
     import matplotlib
 
@@ -249,9 +288,17 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     p.add_argument("--results", default=None, help="also write the figures as JSON here")
+    p.add_argument("--spread", type=int, default=0,
+                   help="rerun (i) this many times with initial weights x (1 + k * 1e-12): its range")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{QUICK_STEPS} steps, no progress bars: the figures of docs/results/demo_quick.json")
     a = p.parse_args(argv)
     return Config(a.world_size, a.per_process_batch, a.epochs, a.lr, a.seed, a.out,
-                  not a.no_progress, a.max_steps, a.results)
+                  not (a.no_progress or a.quick), QUICK_STEPS if a.quick else a.max_steps, a.results,
+                  spread=a.spread)
+
+
+QUICK_STEPS = 40
 
 
 if __name__ == "__main__":

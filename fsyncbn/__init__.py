@@ -1,8 +1,18 @@
 """fsyncbn: synchronized batch norm for PyTorch.
 
-Pure functional ops with explicit state (:mod:`fsyncbn.functional`), reducers that sum
-statistics over participants (:mod:`fsyncbn.reducers`), and the familiar modules and
-helpers of Synchronized-BatchNorm-PyTorch and torch.nn.SyncBatchNorm.
+The three calls most users need:
+
+    model = fsyncbn.convert_model(model)       # nn.BatchNorm*d -> synchronized layers
+    model = DDP(model)                         # train as usual: statistics span every rank
+    plain = fsyncbn.revert_model(model.module, to_plain=True)   # back to nn.BatchNorm*d
+
+With ranks that run out of data at different steps, train inside ``with fsyncbn.Join([model,
+optimizer]):``. Under nn.DataParallel, ``fsyncbn.DataParallelWithCallback(model)``.
+
+The rest: pure functional ops with explicit state (:mod:`fsyncbn.functional`), reducers that
+sum statistics over participants (:mod:`fsyncbn.reducers`), and the familiar modules and
+helpers of Synchronized-BatchNorm-PyTorch and torch.nn.SyncBatchNorm. Every public name, one
+line each: docs/api.md.
 """
 
 from . import functional, reducers, replicas

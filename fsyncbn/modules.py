@@ -116,6 +116,60 @@ def layer_label(layer: nn.Module) -> str:
     return f"{type(layer).__name__} {name!r}" if name else f"{type(layer).__name__}({layer.num_features})"
 
 
+# The fix that goes with each argument or input check a layer can fail (constructor, input rank,
+# the functional op's checks), where the check's own message offers none: (what the message
+# says, what to do).
+_FIXES = (
+    ("more than 1 value per channel", "use at least 2 values per channel in each training step "
+     "(a batch of 2 or more), or call model.eval() to normalise with the running statistics"),
+    ("floating-point input", "pass input.float() (or the dtype of the layer)"),
+    ("channels (from", "give the layer input with num_features channels, or build it with "
+     "num_features set to the input's C"),
+    ("to be floating point", "keep the layer's parameters and buffers floating point: model.float()"),
+    (" of shape (", "keep the layer's weight, bias and running statistics of shape (num_features,)"),
+    ("to be a torch.Tensor or None", "assign tensors (or None) to the layer's weight and bias"),
+    ("momentum", "set momentum to a float in [0, 1], or None for a cumulative average"),
+    ("eps_mode", "set eps_mode to 'plus' (torch's), 'clamp' (the original package's) or None"),
+    ("eps", "set eps to a positive float such as 1e-5"),
+    ("num_features > 0", "pass the number of channels C of the input"),
+    ("num_features to be", "pass the number of channels C of the input, an int"),
+    ("to be a torch.Tensor", "call the layer on a tensor of shape (N, C, *)"),
+)
+
+
+def _explained(exc: BaseException, label: str | None = None) -> BaseException:
+    """A TypeError/ValueError ``exc`` whose message names ``label`` (in place of the function
+    or class it names) and ends with the fix; other exceptions unchanged."""
+    if type(exc) not in (TypeError, ValueError):
+        return exc
+    message = str(exc)
+    if label is not None and not message.startswith(label):
+        head, sep, tail = message.partition(": ")
+        message = f"{label}: {tail}" if sep and " " not in head else f"{label}: {message}"
+    if ";" not in message:
+        fix = next((fix for key, fix in _FIXES if key in message), None)
+        if fix is not None:
+            message = f"{message}; {fix}"
+    return exc if message == str(exc) else type(exc)(message)
+
+
+def _rank_error(cls_name: str, expected: str, dim: int) -> str:
+    """A wrong input rank, and the class that takes it (TorchScript compiles this too)."""
+    right = ""
+    if dim == 2 or dim == 3:
+        right = "SynchronizedBatchNorm1d"
+    elif dim == 4:
+        right = "SynchronizedBatchNorm2d"
+    elif dim == 5:
+        right = "SynchronizedBatchNorm3d"
+    fix = "use SyncBatchNorm, which takes any rank from 2"
+    if dim < 2:
+        fix = "give it input of shape (N, C, *)"
+    elif right != "":
+        fix = "for " + str(dim) + "D input use " + right + " (or SyncBatchNorm, any rank from 2)"
+    return f"{cls_name}: expected {expected} input (got {dim}D input); {fix}"
+
+
 def _find_qualified_name(layer: nn.Module) -> str | None:
     """The dotted path from the outermost module holding ``layer`` down to it, or None.
 
@@ -222,11 +276,15 @@ class SynchronizedBatchNormBase(_BatchNorm):
         eps_mode: str | None = None,
     ) -> None:
         name = type(self).__name__
-        check_num_features(name, num_features)
-        check_hyperparameters(name, momentum, eps, eps_mode or "plus")
+        try:
+            check_num_features(name, num_features)
+            check_hyperparameters(name, momentum, eps, eps_mode or "plus")
+        except (TypeError, ValueError) as exc:
+            raise _explained(exc) from None
         extra = {"bias": bias} if TORCH_HAS_BIAS else {}
         if not bias and not TORCH_HAS_BIAS:
-            raise TypeError(f"{name}: bias=False needs a torch whose BatchNorm has `bias`")
+            raise TypeError(f"{name}: bias=False needs a torch whose BatchNorm has `bias`; upgrade "
+                            "torch, or keep bias=True and freeze it: layer.bias.requires_grad_(False)")
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra
         )
@@ -265,14 +323,20 @@ class SynchronizedBatchNormBase(_BatchNorm):
                     getattr(self, key).copy_(staged[key])
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
         if torch.jit.is_scripting():
+            self._check_input_dim(input)
             return self._torch_forward(input)
         return self._forward(input)
 
     @torch.jit.unused
     def _forward(self, input: Tensor) -> Tensor:
         """The one path: route, then buffers -> functional op -> commit."""
+        try:
+            if not isinstance(input, Tensor):
+                raise TypeError(f"expected input to be a torch.Tensor, got {type(input).__name__}")
+            self._check_input_dim(input)
+        except (TypeError, ValueError) as exc:
+            raise self._labelled(exc) from None
         route = self._route()
         state = self._state()
         eps_mode = self.eps_mode or _default_eps_mode
@@ -379,7 +443,10 @@ class SynchronizedBatchNormBase(_BatchNorm):
 
     @torch.jit.unused
     def _labelled(self, exc: BaseException) -> BaseException:
-        """``exc``, or for a SynchronizationError not yet naming this layer, one that does."""
+        """``exc``, or for a SynchronizationError not yet naming this layer, one that does; a
+        TypeError/ValueError (a check) names the layer in place of the op, and the fix."""
+        if type(exc) in (TypeError, ValueError):
+            return _explained(exc, layer_label(self))
         if not isinstance(exc, SynchronizationError):
             return exc
         label = layer_label(self)
@@ -397,7 +464,8 @@ class SynchronizedBatchNormBase(_BatchNorm):
         """
         eps_mode = self.eps_mode
         if eps_mode is not None and eps_mode == "clamp":
-            raise RuntimeError("a scripted synchronized batch norm supports eps_mode 'plus' only")
+            raise RuntimeError("a scripted synchronized batch norm supports eps_mode 'plus' only; "
+                               "set layer.eps_mode = None before torch.jit.script")
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             num_batches_tracked = self.num_batches_tracked
@@ -474,7 +542,7 @@ class SynchronizedBatchNorm1d(SynchronizedBatchNormBase):
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 2 and input.dim() != 3:
-            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+            raise ValueError(_rank_error("SynchronizedBatchNorm1d", "2D or 3D", input.dim()))
 
 
 class SynchronizedBatchNorm2d(SynchronizedBatchNormBase):
@@ -491,7 +559,7 @@ class SynchronizedBatchNorm2d(SynchronizedBatchNormBase):
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+            raise ValueError(_rank_error("SynchronizedBatchNorm2d", "4D", input.dim()))
 
 
 class SynchronizedBatchNorm3d(SynchronizedBatchNormBase):
@@ -502,7 +570,7 @@ class SynchronizedBatchNorm3d(SynchronizedBatchNormBase):
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 5:
-            raise ValueError(f"expected 5D input (got {input.dim()}D input)")
+            raise ValueError(_rank_error("SynchronizedBatchNorm3d", "5D", input.dim()))
 
 
 class SyncBatchNorm(SynchronizedBatchNormBase):
@@ -539,7 +607,7 @@ class SyncBatchNorm(SynchronizedBatchNormBase):
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+            raise ValueError(_rank_error("SyncBatchNorm", "at least 2D", input.dim()))
 
     @classmethod
     def convert_sync_batchnorm(

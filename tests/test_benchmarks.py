@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -79,3 +80,49 @@ def test_inplace_abn_block_shows_every_row_of_its_results_file():
     block = report.inplace_abn_block(results)
     assert block.count("| saved for backward") == sum(r["case"] == "g saved bytes" for r in results["rows"])
     assert "peak memory of a training step, decoder head" in block
+
+
+def test_report_prints_the_ddp_step_against_both_peers():
+    common = {"case": "d DDP step, 2 gloo processes, 7 BN layers", "bn_collectives_per_step": 14,
+              "bn_bytes_per_step": 7304, "all_reduce_us": 300.0, "low": 0.5, "high": 2.0}
+    rows = [{**common, "vs": "nn.BatchNorm2d (not synchronised)", "ours_us": 3e4, "theirs_us": 1e4,
+             "ratio": 3.0, "latency_floor_ratio": 1.42},
+            {**common, "vs": cases.PEER, "ours_us": 3e4, "theirs_us": 3.2e4, "ratio": 0.94}]
+    results = {"machine": "m", "quick": False, "seconds": 1.0, "rows": rows}
+    block = report.performance_block({"cpu": results})
+    assert f"| {report.DDP_PLAIN} | 3.00 (floor 1.42) |" in block
+    assert f"| {report.DDP_PEER} | 0.94 |" in block
+    assert f"- *{report.DDP_PEER}*: " in block  # explained in one line
+    table = report.markdown(results)
+    assert f"| {cases.PEER} | 30.0 | 32.0 | 0.94 (0.50-2.00) | 14 | 7304 | 0.30 | - |" in table
+
+
+def _peer_equals_batch_norm_on_the_whole_batch(rank, world_size):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    whole = torch.randn(4 * world_size, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn_like(whole)
+    reference = nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        reference.weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-1, 1)
+    peer = cases.naive_sync(nn.Sequential(copy.deepcopy(reference)))[0]
+    assert type(peer) is cases.NaiveSyncBatchNorm2d
+    expected = reference(whole)
+    (expected * grad).sum().backward()
+    mine = whole.detach()[4 * rank:4 * (rank + 1)].clone().requires_grad_()
+    out = peer(mine)
+    (out * grad[4 * rank:4 * (rank + 1)]).sum().backward()
+    torch.testing.assert_close(out, expected.detach()[4 * rank:4 * (rank + 1)])
+    torch.testing.assert_close(mine.grad, whole.grad[4 * rank:4 * (rank + 1)])
+    torch.testing.assert_close(peer.running_mean, reference.running_mean)
+
+
+@pytest.mark.distributed
+def test_the_synchronised_peer_is_batch_norm_over_the_whole_batch():
+    """Case d's NaiveSyncBatchNorm2d is a fair peer: it computes batch norm over every rank's batch."""
+    from tests.distributed import spawn
+
+    spawn(2, _peer_equals_batch_norm_on_the_whole_batch)

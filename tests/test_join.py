@@ -182,3 +182,46 @@ def test_join_needs_a_torch_joinable():
     with pytest.raises(ValueError, match=r"fsyncbn.Join: expected at least one torch Joinable .* "
                                          r"got \['Linear'\]"):
         fsyncbn.Join([nn.Linear(2, 2)])
+
+
+def _evaluate_inside_join(rank, world_size):
+    """docs/distributed.md, "Evaluating inside fsyncbn.Join": rank 1 joins at once; rank 0 evaluates
+    on ``model.module`` right after the first backward (through DDP there, torch's bucket rebuild
+    would hang), then through DDP under no_sync() once DDP has rebuilt its buckets."""
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double()
+    ddp = DDP(fsyncbn.convert_model(copy.deepcopy(reference)))
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randn(4, 4, dtype=torch.float64, generator=gen) for _ in range(3)]
+    probe = torch.randn(5, 4, dtype=torch.float64, generator=gen)
+
+    def evaluate(model: nn.Module) -> None:
+        ddp.eval()
+        reference.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(probe), reference(probe), rtol=1e-10, atol=1e-10)
+        ddp.train()
+        reference.train()
+
+    with fsyncbn.Join([ddp, optimizer]):
+        for step, x in enumerate(batches if rank == 0 else []):
+            g = torch.randn(4, 3, dtype=torch.float64, generator=gen)
+            optimizer.zero_grad()
+            (ddp(x) * g).sum().backward()
+            optimizer.step()
+            ref_optimizer.zero_grad()
+            (reference(x) * g).sum().div(world_size).backward()  # DDP divides by the initial world size
+            ref_optimizer.step()
+            if step == 0:  # right after the first backward: not through DDP
+                evaluate(ddp.module)
+            else:  # DDP rebuilt its buckets in the second training forward
+                with ddp.no_sync():
+                    evaluate(ddp)
+    if rank == 0:
+        _assert_matches(ddp.module, reference, "after the Join")
+
+
+def test_evaluation_inside_join_on_the_schedule_the_docs_give():
+    spawn(2, _evaluate_inside_join, timeout_s=120)

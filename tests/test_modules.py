@@ -181,13 +181,14 @@ def test_modules_pick_no_reducer_without_context():
     ("make_input", "exc", "message"),
     [
         (lambda: torch.randn(4, 5, 3, 3), ValueError,
-         r"batch_norm: expected input with 3 channels \(from state\['running_mean'\]\), "
+         r"SynchronizedBatchNorm2d\(3\): expected input with 3 channels \(from state\['running_mean'\]\), "
          r"got shape \(4, 5, 3, 3\)"),
         (lambda: torch.ones(4, 3, 3, 3, dtype=torch.long), TypeError,
-         r"batch_norm: expected a floating-point input, got dtype torch.int64"),
+         r"SynchronizedBatchNorm2d\(3\): expected a floating-point input, got dtype torch.int64"),
         (lambda: torch.randn(3, 3, 3), ValueError, r"expected 4D input \(got 3D input\)"),
         (lambda: torch.randn(1, 3, 1, 1), ValueError,
-         r"batch_norm: expected more than 1 value per channel when training, got input of shape "
+         r"SynchronizedBatchNorm2d\(3\): expected more than 1 value per channel when training, got input "
+         r"of shape "
          r"\(1, 3, 1, 1\)"),
     ],
 )

@@ -162,8 +162,8 @@ def _fault_run(mode, *, timeout=10.0, replicas=3, faulty=1, sleep_s=0.0):
         ),
         (
             "channels",
-            r"replica 1 raised ValueError\(batch_norm: expected input with 3 channels "
-            r"\(from state\['running_mean'\]\), got shape \(2, 4, 4, 4\)\)",
+            r"replica 1 raised ValueError\(SynchronizedBatchNorm2d '\w+': expected input with 3 channels "
+            r"\(from state\['running_mean'\]\), got shape \(2, 4, 4, 4\); give the layer",
         ),
     ],
 )
