@@ -16,7 +16,9 @@ line each: docs/api.md.
 """
 
 from . import functional, reducers, replicas
-from .convert import ConversionWarning, convert_model, patch_sync_batchnorm, register_conversion, revert_model
+from .conversions import register_conversion
+from .convert import ConversionWarning, convert_model, patch_sync_batchnorm, revert_model
+from .eps_mode import get_sbn_eps_mode, set_sbn_eps_mode
 from .functional.agreement import SynchronizationError
 from .groups import sync_groups
 from .inplace_abn import InPlaceABN
@@ -26,9 +28,6 @@ from .modules import (
     SynchronizedBatchNorm1d,
     SynchronizedBatchNorm2d,
     SynchronizedBatchNorm3d,
-    get_sbn_eps_mode,
-    roll_back_step,
-    set_sbn_eps_mode,
 )
 from .parallel import (
     DataParallelWithCallback,
@@ -37,6 +36,7 @@ from .parallel import (
 )
 from .reducers import LocalReducer, ProcessGroupReducer
 from .replicas import ReplicaGroup
+from .step_journal import roll_back_step
 
 __version__ = "0.1.0"
 

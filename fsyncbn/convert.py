@@ -8,10 +8,9 @@ same training flag. An nn.DataParallel anywhere becomes a DataParallelWithCallba
 from __future__ import annotations
 
 import contextlib
-import functools
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch.distributed as dist
@@ -19,15 +18,21 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from .conversions import (
+    conversion_from_plain,
+    conversion_from_sync,
+    register_conversion,
+    transfer_batch_norm,
+    warn_clamp_reverted,
+)
 from .deployment import revert_to_plain
 from .inplace_abn import InPlaceABN
+from .layer_errors import name_layers
 from .modules import (
-    SyncBatchNorm,
     SynchronizedBatchNorm1d,
     SynchronizedBatchNorm2d,
     SynchronizedBatchNorm3d,
     SynchronizedBatchNormBase,
-    transfer_batch_norm,
 )
 from .parallel import DEFAULT_SYNC_TIMEOUT_S, DataParallelWithCallback
 
@@ -35,94 +40,10 @@ __all__ = [
     "ConversionWarning", "convert_model", "patch_sync_batchnorm", "register_conversion", "revert_model",
 ]
 
-# What a registered conversion does: the layer of one class becomes its synchronized
-# counterpart and back, keeping every tensor.
-ToSync = Callable[[nn.Module, "dist.ProcessGroup | None"], nn.Module]
-ToPlain = Callable[[nn.Module], nn.Module]
-
-
 class ConversionWarning(UserWarning):
     """convert_model left batch-norm layers unsynchronized (unknown subclasses, lazy layers)."""
 
 
-class _Conversion(NamedTuple):
-    plain: type[nn.Module]
-    sync: type[nn.Module]
-    to_sync: ToSync
-    to_plain: ToPlain
-
-
-# Exact classes both ways: a subclass is never matched by its base's entry, since it may
-# compute something else (timm's BatchNormAct2d adds an activation after the norm).
-_BY_PLAIN: dict[type[nn.Module], _Conversion] = {}
-_BY_SYNC: dict[type[nn.Module], _Conversion] = {}
-
-
-def register_conversion(
-    plain_cls: type[nn.Module],
-    sync_cls: type[nn.Module],
-    *,
-    to_sync: ToSync | None = None,
-    to_plain: ToPlain | None = None,
-) -> None:
-    """Teach :func:`convert_model` and :func:`revert_model` a library's batch-norm class.
-
-    ``convert_model`` turns every layer whose class is exactly ``plain_cls`` into a
-    ``sync_cls`` layer, and ``revert_model`` turns every exact ``sync_cls`` back. Register
-    again to replace a conversion (the latest one wins, for both classes).
-
-    Args:
-        plain_cls: the class to convert, for example timm's ``BatchNormAct2d``.
-        sync_cls: its synchronized counterpart, usually a subclass of an fsyncbn layer whose
-            forward adds what ``plain_cls`` adds (see :mod:`fsyncbn.integrations.timm`).
-        to_sync: ``to_sync(layer, process_group) -> synchronized layer``; by default
-            ``sync_cls.from_batchnorm(layer, process_group)``, which shares the parameters
-            and buffers. Sub-modules (an activation) are carried over by convert_model.
-        to_plain: ``to_plain(layer) -> plain layer``; by default a ``plain_cls`` built with
-            the same hyper-parameters and sharing the same tensors.
-
-    Raises:
-        TypeError: a class that is not an nn.Module subclass.
-
-    Example:
-        >>> from torch import nn
-        >>> class MyBatchNorm2d(nn.BatchNorm2d): ...
-        >>> class MySynchronizedBatchNorm2d(SynchronizedBatchNorm2d): ...
-        >>> register_conversion(MyBatchNorm2d, MySynchronizedBatchNorm2d)
-        >>> type(convert_model(nn.Sequential(MyBatchNorm2d(3)))[0]).__name__
-        'MySynchronizedBatchNorm2d'
-    """
-    for name, cls in (("plain_cls", plain_cls), ("sync_cls", sync_cls)):
-        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-            raise TypeError(
-                f"register_conversion: expected {name} to be an nn.Module subclass, got {cls!r}"
-            )
-    if to_sync is None:
-        if not hasattr(sync_cls, "from_batchnorm"):
-            raise TypeError(
-                f"register_conversion: {sync_cls.__name__} has no from_batchnorm(layer, process_group); "
-                "subclass an fsyncbn layer or pass to_sync="
-            )
-        to_sync = sync_cls.from_batchnorm  # type: ignore[attr-defined]
-    if to_plain is None:
-        to_plain = functools.partial(transfer_batch_norm, cls=plain_cls)
-    conversion = _Conversion(plain_cls, sync_cls, to_sync, to_plain)
-    for table, key in ((_BY_PLAIN, plain_cls), (_BY_SYNC, sync_cls)):
-        stale = table.pop(key, None)
-        if stale is not None:  # the other direction of a replaced conversion goes too
-            _BY_PLAIN.pop(stale.plain, None)
-            _BY_SYNC.pop(stale.sync, None)
-    _BY_PLAIN[plain_cls] = _BY_SYNC[sync_cls] = conversion
-
-
-def _sync_batch_norm_to_torch(layer: nn.Module) -> nn.Module:
-    return transfer_batch_norm(layer, nn.SyncBatchNorm, process_group=layer.process_group)  # type: ignore[arg-type]
-
-
-register_conversion(nn.BatchNorm1d, SynchronizedBatchNorm1d)
-register_conversion(nn.BatchNorm2d, SynchronizedBatchNorm2d)
-register_conversion(nn.BatchNorm3d, SynchronizedBatchNorm3d)
-register_conversion(nn.SyncBatchNorm, SyncBatchNorm, to_plain=_sync_batch_norm_to_torch)
 
 
 def _require_module(function: str, module: object) -> None:
@@ -232,6 +153,7 @@ def convert_model(
             f"initialised yet ({_where(lazy)}): run one forward pass before convert_model (they then become "
             "nn.BatchNorm1d/2d/3d, which convert_model converts)", ConversionWarning, stacklevel=2,
         )
+    name_layers(converted)  # errors name each layer by its place in the model
     return converted
 
 
@@ -259,12 +181,12 @@ def _convert(
         inner = _convert(module.module, process_group, _join(path, "module"), skipped, lazy, unfolded)
         return _rewrap_data_parallel(module, inner, DataParallelWithCallback)
     converted = module
-    conversion = _BY_PLAIN.get(type(module))
+    conversion = conversion_from_plain(type(module))
     if conversion is not None:
         converted = conversion.to_sync(module, process_group)
     elif isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         lazy.append(path)
-    elif isinstance(module, _BatchNorm) and type(module) not in _BY_SYNC:
+    elif isinstance(module, _BatchNorm) and conversion_from_sync(type(module)) is None:
         if not isinstance(module, SynchronizedBatchNormBase):
             skipped.setdefault(type(module), []).append(path)
     children = list(module.named_children())
@@ -319,15 +241,12 @@ def revert_model(
     if isinstance(module, DataParallelWithCallback):
         return _rewrap_data_parallel(module, revert_model(module.module), nn.DataParallel)
     reverted = module
-    conversion = _BY_SYNC.get(type(module))
+    conversion = conversion_from_sync(type(module))
     if isinstance(module, InPlaceABN) and module._fold_origin is not None:
         reverted = _unfold(module)
     elif conversion is not None:
-        if getattr(module, "eps_mode", None) == "clamp":
-            warnings.warn(
-                f"revert_model: {type(module).__name__} with eps_mode='clamp' becomes "
-                f"{conversion.plain.__name__}, which normalises with sqrt(var + eps)", stacklevel=2,
-            )
+        warn_clamp_reverted("revert_model", module, getattr(module, "qualified_name", None) or "",
+                            conversion.plain)
         reverted = conversion.to_plain(module)
     restored: dict[str, nn.Module] = {}
     children = list(module.named_children())
@@ -395,7 +314,7 @@ def _has_hooks(*modules: nn.Module) -> bool:
 
 def _is_norm_act(module: nn.Module) -> bool:
     """A registered timm-style norm + activation layer (its counterpart carries act and drop)."""
-    conversion = _BY_PLAIN.get(type(module))
+    conversion = conversion_from_plain(type(module))
     return conversion is not None and hasattr(conversion.sync, "_set_act_drop")
 
 
@@ -452,7 +371,7 @@ def _fold(
 def _unfold(layer: InPlaceABN) -> nn.Module:
     """The batch norm (a norm-act layer: with its activation and dropout) a fold came from."""
     origin: FoldOrigin = layer._fold_origin  # type: ignore[assignment]
-    conversion = _BY_PLAIN.get(origin.norm_cls)
+    conversion = conversion_from_plain(origin.norm_cls)
     if origin.drop is None or conversion is None:
         return transfer_batch_norm(layer, origin.norm_cls)
     plain = conversion.to_plain(layer)

@@ -7,58 +7,21 @@ Reached through ``fsyncbn.revert_model(model, to_plain=True, ...)``.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from .modules import (
-    SyncBatchNorm,
-    SynchronizedBatchNorm1d,
-    SynchronizedBatchNorm2d,
-    SynchronizedBatchNorm3d,
-    SynchronizedBatchNormBase,
+from .conversions import (
+    PLAIN_BY_INPUT_DIM,
+    plain_batch_norm_class,
+    takes_any_rank,
     transfer_batch_norm,
+    warn_clamp_reverted,
 )
 
-__all__ = ["plain_batch_norm_class", "revert_to_plain"]
-
-# The classes whose dimension is in the name; the two SyncBatchNorm take any input rank.
-_PLAIN_BY_CLASS: dict[type[nn.Module], type[nn.Module]] = {
-    SynchronizedBatchNorm1d: nn.BatchNorm1d,
-    SynchronizedBatchNorm2d: nn.BatchNorm2d,
-    SynchronizedBatchNorm3d: nn.BatchNorm3d,
-}
-_ANY_RANK = (SyncBatchNorm, nn.SyncBatchNorm)
-_PLAIN_BY_INPUT_DIM: dict[int, type[nn.Module]] = {
-    2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d,
-}
-
-
-def plain_batch_norm_class(layer: nn.Module, input_dim: int | None = None) -> type[nn.Module] | None:
-    """The nn.BatchNormXd that ``layer`` becomes, or None if it is not a synchronized layer
-    (exact classes only) or its dimension is unknown.
-
-    Args:
-        layer: any module.
-        input_dim: the number of dimensions of the layer's input (2 to 5), needed for
-            nn.SyncBatchNorm and fsyncbn.SyncBatchNorm.
-
-    Example:
-        >>> import fsyncbn
-        >>> plain_batch_norm_class(fsyncbn.SynchronizedBatchNorm2d(3)).__name__
-        'BatchNorm2d'
-        >>> plain_batch_norm_class(fsyncbn.SyncBatchNorm(3), input_dim=5).__name__
-        'BatchNorm3d'
-    """
-    cls = _PLAIN_BY_CLASS.get(type(layer))
-    if cls is not None:
-        return cls
-    if type(layer) in _ANY_RANK and input_dim is not None:
-        return _PLAIN_BY_INPUT_DIM.get(input_dim)
-    return None
+__all__ = ["revert_to_plain"]
 
 
 def revert_to_plain(
@@ -91,7 +54,7 @@ def revert_to_plain(
     Raises:
         ValueError: a SyncBatchNorm layer whose dimension neither argument gives.
     """
-    ambiguous = [name for name, m in module.named_modules() if type(m) in _ANY_RANK]
+    ambiguous = [name for name, m in module.named_modules() if takes_any_rank(type(m))]
     dims = _known_input_dims(ambiguous, input_dims)
     missing = [name for name in ambiguous if name not in dims]
     if missing and example_input is not None:
@@ -112,7 +75,7 @@ def _known_input_dims(names: list[str], input_dims: int | Mapping[str, int] | No
         return {}
     given = dict.fromkeys(names, input_dims) if isinstance(input_dims, int) else dict(input_dims)
     for name, dim in given.items():
-        if dim not in _PLAIN_BY_INPUT_DIM:
+        if dim not in PLAIN_BY_INPUT_DIM:
             raise ValueError(
                 f"revert_model: expected input_dims to give an input rank from 2 to 5 "
                 f"(2 or 3: BatchNorm1d, 4: 2d, 5: 3d), got {dim!r} for layer {name!r}"
@@ -150,11 +113,7 @@ def _swap(module: nn.Module, name: str, dims: Mapping[str, int]) -> nn.Module:
     plain = plain_batch_norm_class(module, dims.get(name))
     replaced = module
     if plain is not None:
-        if isinstance(module, SynchronizedBatchNormBase) and module.eps_mode == "clamp":
-            warnings.warn(
-                f"revert_model: {type(module).__name__} {name!r} with eps_mode='clamp' becomes "
-                f"{plain.__name__}, which normalises with sqrt(var + eps)", stacklevel=3,
-            )
+        warn_clamp_reverted("revert_model", module, name, plain)
         replaced = transfer_batch_norm(module, plain)  # type: ignore[arg-type]
     for child_name, child in module.named_children():
         replaced.add_module(child_name, _swap(child, f"{name}.{child_name}" if name else child_name, dims))

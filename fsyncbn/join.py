@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
@@ -55,10 +54,13 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.join import Join as TorchJoin
 from torch.distributed.algorithms.join import Joinable
 
+from . import routing
 from .functional.agreement import SynchronizationError, agreement_header
+from .layer_errors import name_layers
+from .modules import SynchronizedBatchNormBase
 from .reducers import is_peer_failure
 
-__all__ = ["Join", "announced_reducer"]
+__all__ = ["Join"]
 
 # Message dtypes, numbered in the header.
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -66,17 +68,9 @@ _HEADER_SIZE = 5
 # After torch's join loop every rank has started its shadows, which then stop at once.
 _SHADOW_STOP_TIMEOUT_S = 60.0
 
-# The private group of each synchronized layer while it is inside a Join (see _route in modules).
-_announcing: weakref.WeakKeyDictionary[nn.Module, _PrivateGroup] = weakref.WeakKeyDictionary()
 # Private groups, per default group (by name: no weak reference to a process group, which would
 # run Python while gloo tears it down at exit) and rank lists, made once, in the same order.
 _private_cache: dict[tuple[str, int], dict[tuple[int, ...], dist.ProcessGroup]] = {}
-
-
-def announced_reducer(layer: nn.Module) -> _PrivateGroup | None:
-    """The reducer of ``layer`` inside a :class:`Join` (fixed-size messages with a header; its
-    ``group`` is fsyncbn's private group), or None outside."""
-    return _announcing.get(layer)
 
 
 class _PrivateGroup:
@@ -208,7 +202,7 @@ class Join(TorchJoin):
 
     def __enter__(self) -> None:
         super().__enter__()
-        _announcing.update(self._privates)
+        routing.announce(self._privates)
 
     def __exit__(
         self,
@@ -222,8 +216,7 @@ class Join(TorchJoin):
             super().__exit__(type, value, traceback)
             self._wait_for_shadows()
         finally:
-            for layer in self._privates:
-                _announcing.pop(layer, None)
+            routing.withdraw(self._privates)
 
     def _start_shadows(self) -> None:
         distinct = {id(p.group): p for p in self._privates.values()}
@@ -259,11 +252,10 @@ class Join(TorchJoin):
 
 
 def _synchronized_layers(joinables: Iterable[Any]) -> list[nn.Module]:
-    from .modules import SynchronizedBatchNormBase  # modules imports this file
-
     layers: dict[int, nn.Module] = {}
     for item in joinables:
         if isinstance(item, nn.Module):
+            name_layers(item)
             for m in item.modules():
                 if isinstance(m, SynchronizedBatchNormBase):
                     layers.setdefault(id(m), m)

@@ -1,49 +1,32 @@
-"""Stateful batch-norm layers: SynchronizedBatchNorm1d/2d/3d and SyncBatchNorm.
+"""The synchronized batch-norm layers: SynchronizedBatchNorm1d/2d/3d and SyncBatchNorm.
 
-Each training forward takes one path: the context picks a *route*, a reducer and a commit
-policy; the layer's buffers go through the functional op (:func:`fsyncbn.functional.ops.
-run_batch_norm`) with that reducer; the route commits the new statistics. Behaviour
-(numerics, checks, empty batches) is documented once, in :mod:`fsyncbn.functional`.
-
-The routes, in training:
-
-(a) a replica inside :class:`fsyncbn.DataParallelWithCallback` (or a patched nn.DataParallel)
-    sums with the other replicas of the same forward and *stages* its new statistics: they
-    are written only once every replica's forward has succeeded;
-(b) with torch.distributed initialised and ``process_group`` (default WORLD) of size > 1,
-    the layer sums over the ranks of that group and *journals* its writes: the values from
-    before the step are kept, and restored in every layer of the step if any of them fails
-    (see :mod:`fsyncbn.step_journal`; under torch.compile writes are not journaled); inside
-    :class:`fsyncbn.Join` the sums are announced, on fsyncbn's own copy of the group, so that
-    ranks out of data can answer them (see :mod:`fsyncbn.join`);
-(c) otherwise nobody: the layer *writes* in place, and is nn.BatchNormXd bit for bit.
-
+Each training forward asks :func:`fsyncbn.routing.route` for its reducer and commit policy,
+runs the functional op (:func:`fsyncbn.functional.ops.run_batch_norm`) on its buffers with
+that reducer, and commits the new statistics as the route says. Behaviour (numerics, checks,
+empty batches, which kernels) is documented once, in :mod:`fsyncbn.functional`; the routes in
+:mod:`fsyncbn.routing`; how layers name themselves in errors in :mod:`fsyncbn.layer_errors`.
 In eval mode the running statistics are used and nothing is synchronised or written.
 """
 
 # No `from __future__ import annotations`: TorchScript reads these annotations at runtime.
-import gc
-import inspect
 import warnings
-import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import conversions, routing
+from . import eps_mode as eps_mode_module
 from .functional.agreement import SynchronizationError
-from .functional.checks import EPS_MODES, check_hyperparameters
+from .functional.checks import check_hyperparameters
 from .functional.ops import run_batch_norm
 from .functional.state import STATE_KEYS, State, check_num_features
-from .join import announced_reducer
-from .recompute import RecomputeCache, is_recomputing, may_be_recomputed
-from .reducers import ProcessGroupReducer
+from .layer_errors import explained, layer_label, rank_error
 from .replicas import ReplicaGroup
-from .step_journal import StepJournal, journal_for, roll_back_thread
 
 __all__ = [
     "SyncBatchNorm",
@@ -51,203 +34,7 @@ __all__ = [
     "SynchronizedBatchNorm2d",
     "SynchronizedBatchNorm3d",
     "SynchronizedBatchNormBase",
-    "get_sbn_eps_mode",
-    "layer_label",
-    "roll_back_step",
-    "set_sbn_eps_mode",
-    "transfer_batch_norm",
 ]
-
-# Older torch has no ``bias`` keyword on batch norm; offer it where the installed one does.
-TORCH_HAS_BIAS = "bias" in inspect.signature(_NormBase.__init__).parameters
-
-_default_eps_mode = "plus"
-
-
-def set_sbn_eps_mode(mode: str) -> None:
-    """Set the eps mode of every layer built without an explicit ``eps_mode``.
-
-    As in the original Synchronized-BatchNorm-PyTorch, it takes effect at forward time.
-
-    Args:
-        mode: ``"plus"`` (``sqrt(var + eps)``, torch's, the default) or ``"clamp"``
-            (``sqrt(max(var, eps))``, the original package's).
-
-    Raises:
-        ValueError: unknown mode.
-
-    Example:
-        >>> set_sbn_eps_mode("clamp"); get_sbn_eps_mode()
-        'clamp'
-        >>> set_sbn_eps_mode("plus")
-    """
-    global _default_eps_mode
-    if mode not in EPS_MODES:
-        raise ValueError(f"set_sbn_eps_mode: expected 'plus' or 'clamp', got {mode!r}")
-    _default_eps_mode = mode
-
-
-def get_sbn_eps_mode() -> str:
-    """The eps mode used by layers built without an explicit ``eps_mode``."""
-    return _default_eps_mode
-
-
-def roll_back_step() -> None:
-    """Undo the running-statistics writes of the current training step (torch.distributed path).
-
-    fsyncbn does this by itself when a synchronized layer fails, on every rank that sees the
-    failure. Call it when your own code raises in the middle of a step, so that this rank too
-    keeps nothing of it. It undoes the steps of the calling thread, on every process group.
-    The replica path (DataParallel) never writes a failed step, and the local path has
-    nothing to undo.
-
-    Example:
-        >>> roll_back_step()  # nothing to undo outside a step
-    """
-    roll_back_thread()
-
-
-def layer_label(layer: nn.Module) -> str:
-    """How errors name a layer: ``SynchronizedBatchNorm2d 'features.1'``, its class and its
-    qualified name in the model that holds it (found when first needed)."""
-    name = getattr(layer, "qualified_name", None)
-    if name is None:
-        name = _find_qualified_name(layer)
-    return f"{type(layer).__name__} {name!r}" if name else f"{type(layer).__name__}({layer.num_features})"
-
-
-# The fix that goes with each argument or input check a layer can fail (constructor, input rank,
-# the functional op's checks), where the check's own message offers none: (what the message
-# says, what to do).
-_FIXES = (
-    ("more than 1 value per channel", "use at least 2 values per channel in each training step "
-     "(a batch of 2 or more), or call model.eval() to normalise with the running statistics"),
-    ("floating-point input", "pass input.float() (or the dtype of the layer)"),
-    ("channels (from", "give the layer input with num_features channels, or build it with "
-     "num_features set to the input's C"),
-    ("to be floating point", "keep the layer's parameters and buffers floating point: model.float()"),
-    (" of shape (", "keep the layer's weight, bias and running statistics of shape (num_features,)"),
-    ("to be a torch.Tensor or None", "assign tensors (or None) to the layer's weight and bias"),
-    ("momentum", "set momentum to a float in [0, 1], or None for a cumulative average"),
-    ("eps_mode", "set eps_mode to 'plus' (torch's), 'clamp' (the original package's) or None"),
-    ("eps", "set eps to a positive float such as 1e-5"),
-    ("num_features > 0", "pass the number of channels C of the input"),
-    ("num_features to be", "pass the number of channels C of the input, an int"),
-    ("to be a torch.Tensor", "call the layer on a tensor of shape (N, C, *)"),
-)
-
-
-def _explained(exc: BaseException, label: str | None = None) -> BaseException:
-    """A TypeError/ValueError ``exc`` whose message names ``label`` (in place of the function
-    or class it names) and ends with the fix; other exceptions unchanged."""
-    if type(exc) not in (TypeError, ValueError):
-        return exc
-    message = str(exc)
-    if label is not None and not message.startswith(label):
-        head, sep, tail = message.partition(": ")
-        message = f"{label}: {tail}" if sep and " " not in head else f"{label}: {message}"
-    if ";" not in message:
-        fix = next((fix for key, fix in _FIXES if key in message), None)
-        if fix is not None:
-            message = f"{message}; {fix}"
-    return exc if message == str(exc) else type(exc)(message)
-
-
-def _rank_error(cls_name: str, expected: str, dim: int) -> str:
-    """A wrong input rank, and the class that takes it (TorchScript compiles this too)."""
-    right = ""
-    if dim == 2 or dim == 3:
-        right = "SynchronizedBatchNorm1d"
-    elif dim == 4:
-        right = "SynchronizedBatchNorm2d"
-    elif dim == 5:
-        right = "SynchronizedBatchNorm3d"
-    fix = "use SyncBatchNorm, which takes any rank from 2"
-    if dim < 2:
-        fix = "give it input of shape (N, C, *)"
-    elif right != "":
-        fix = "for " + str(dim) + "D input use " + right + " (or SyncBatchNorm, any rank from 2)"
-    return f"{cls_name}: expected {expected} input (got {dim}D input); {fix}"
-
-
-def _find_qualified_name(layer: nn.Module) -> str | None:
-    """The dotted path from the outermost module holding ``layer`` down to it, or None.
-
-    Only on error paths: it asks the garbage collector which modules hold the layer, since a
-    layer is not told where it is registered.
-    """
-    path: list[str] = []
-    child: nn.Module = layer
-    seen = {id(layer)}
-    while True:
-        parent = _parent_of(child)
-        if parent is None or id(parent[0]) in seen:
-            break
-        seen.add(id(parent[0]))
-        owner, key = parent
-        if isinstance(owner, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            break  # the user's model is the wrapped module
-        path.append(key)
-        child = owner
-    return ".".join(reversed(path)) or None
-
-
-def _parent_of(child: nn.Module) -> tuple[nn.Module, str] | None:
-    for holder in gc.get_referrers(child):
-        if not isinstance(holder, dict):
-            continue
-        key = next((k for k, v in holder.items() if v is child), None)
-        if key is None:
-            continue
-        for owner in gc.get_referrers(holder):
-            if isinstance(owner, nn.Module) and owner.__dict__.get("_modules") is holder:
-                return owner, key
-            if isinstance(owner, dict) and owner.get("_modules") is holder:
-                for module in gc.get_referrers(owner):
-                    if isinstance(module, nn.Module) and module.__dict__ is owner:
-                        return module, key
-    return None
-
-
-class _Route(NamedTuple):
-    """How one training forward of a layer synchronises and commits (see the module doc)."""
-
-    reducer: Callable[[Tensor], Tensor] | None
-    in_place: bool  # the functional op writes the buffers itself
-    journal: StepJournal | None
-    commit: bool = True  # False: a checkpoint's recomputation keeps no statistics
-
-
-_LOCAL_ROUTE = _Route(None, True, None)
-
-
-class _JournaledReducer:
-    """The process-group reducer of one layer call: a failure, also in backward (which may
-    run on another thread), rolls back the step of the journal the forward used, and names
-    the layer.
-
-    The autograd graph keeps it until the graph is freed (a kept loss keeps it), so it holds
-    the layer weakly: a graph must not keep a dropped model alive.
-    """
-
-    def __init__(
-        self, layer: "SynchronizedBatchNormBase", journal: StepJournal,
-        reducer: Callable[[Tensor], Tensor] | None = None,
-    ) -> None:
-        self.reducer = reducer if reducer is not None else layer._process_group_reducer
-        self.layer = weakref.ref(layer)
-        self.journal = journal
-
-    def __call__(self, t: Tensor) -> Tensor:
-        try:
-            return self.reducer(t)
-        except BaseException as exc:
-            self.journal.roll_back()
-            layer = self.layer()
-            labelled = exc if layer is None else layer._labelled(exc)
-            if labelled is exc:
-                raise
-            raise labelled from exc
 
 
 class SynchronizedBatchNormBase(_BatchNorm):
@@ -259,7 +46,10 @@ class SynchronizedBatchNormBase(_BatchNorm):
     __jit_unused_properties__ = ["process_group"]
     __jit_ignored_attributes__ = [
         "_process_group_reducer", "_replica", "_staged_state", "_validated", "_recompute",
+        "qualified_name",
     ]
+    # Where the layer sits in its model, for errors (see fsyncbn.layer_errors); None: unknown.
+    qualified_name: Optional[str] = None  # noqa: UP045 - TorchScript reads this annotation
 
     def __init__(
         self,
@@ -280,16 +70,16 @@ class SynchronizedBatchNormBase(_BatchNorm):
             check_num_features(name, num_features)
             check_hyperparameters(name, momentum, eps, eps_mode or "plus")
         except (TypeError, ValueError) as exc:
-            raise _explained(exc) from None
-        extra = {"bias": bias} if TORCH_HAS_BIAS else {}
-        if not bias and not TORCH_HAS_BIAS:
+            raise explained(exc) from None
+        extra = {"bias": bias} if conversions.TORCH_HAS_BIAS else {}
+        if not bias and not conversions.TORCH_HAS_BIAS:
             raise TypeError(f"{name}: bias=False needs a torch whose BatchNorm has `bias`; upgrade "
                             "torch, or keep bias=True and freeze it: layer.bias.requires_grad_(False)")
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra
         )
         self.eps_mode = eps_mode
-        self._process_group_reducer = _layer_reducer(name, process_group)
+        self._process_group_reducer = routing.process_group_reducer(name, process_group)
         self._replica: tuple[ReplicaGroup, int] | None = None
         self._staged_state: State | None = None
         self._validated: tuple | None = None  # the configuration the last forward checked
@@ -301,7 +91,7 @@ class SynchronizedBatchNormBase(_BatchNorm):
 
     @process_group.setter
     def process_group(self, group: dist.ProcessGroup | None) -> None:
-        self._process_group_reducer = _layer_reducer(type(self).__name__, group)
+        self._process_group_reducer = routing.process_group_reducer(type(self).__name__, group)
 
     def attach_replica(self, group: ReplicaGroup | None, replica: int = 0) -> None:
         """Make this layer replica ``replica`` of ``group`` (None detaches it).
@@ -337,9 +127,9 @@ class SynchronizedBatchNormBase(_BatchNorm):
             self._check_input_dim(input)
         except (TypeError, ValueError) as exc:
             raise self._labelled(exc) from None
-        route = self._route()
+        route = routing.route(self)
         state = self._state()
-        eps_mode = self.eps_mode or _default_eps_mode
+        eps_mode = self.eps_mode or eps_mode_module.get_sbn_eps_mode()
         # The argument checks depend only on this configuration: validated once, not per call.
         configuration = (
             input.dim(), input.shape[1] if input.dim() > 1 else 0, input.dtype, self.training,
@@ -386,50 +176,6 @@ class SynchronizedBatchNormBase(_BatchNorm):
         )
 
     @torch.jit.unused
-    def _route(self) -> _Route:
-        """Pick the reducer and commit policy of this forward (see the module docstring);
-        under activation checkpointing, see :mod:`fsyncbn.recompute`."""
-        route = self._sync_route()
-        if not self.training or torch.compiler.is_compiling():
-            return route
-        if is_recomputing():
-            replay = self._recompute_cache().replaying()
-            return _Route(replay or route.reducer, False, None, commit=False)
-        if may_be_recomputed():
-            if route.reducer is None:
-                self._recompute_cache().clear()
-            else:
-                return route._replace(reducer=self._recompute_cache().recording(route.reducer))
-        return route
-
-    @torch.jit.unused
-    def _recompute_cache(self) -> RecomputeCache:
-        cache = self.__dict__.get("_recompute")
-        if cache is None:
-            cache = self.__dict__.setdefault("_recompute", RecomputeCache())
-        return cache
-
-    @torch.jit.unused
-    def _sync_route(self) -> _Route:
-        if not self.training:
-            return _LOCAL_ROUTE
-        if self._replica is not None:
-            group, replica = self._replica
-            return _Route(group.reducer(replica), False, None)
-        if dist.is_available() and dist.is_initialized():
-            announced = announced_reducer(self)  # inside fsyncbn.Join: see fsyncbn.join
-            if announced is not None:
-                journal = journal_for(announced.group)
-                return _Route(_JournaledReducer(self, journal, announced), True, journal)
-            group = self.process_group
-            if dist.get_world_size(group) > 1:
-                if torch.compiler.is_compiling():
-                    return _Route(self._process_group_reducer, True, None)
-                journal = journal_for(group if group is not None else dist.group.WORLD)
-                return _Route(_JournaledReducer(self, journal), True, journal)
-        return _LOCAL_ROUTE
-
-    @torch.jit.unused
     def _state(self) -> State | None:
         """The running statistics this forward starts from, or None when it uses none."""
         if self.running_mean is None or (self.training and not self.track_running_stats):
@@ -446,7 +192,7 @@ class SynchronizedBatchNormBase(_BatchNorm):
         """``exc``, or for a SynchronizationError not yet naming this layer, one that does; a
         TypeError/ValueError (a check) names the layer in place of the op, and the fix."""
         if type(exc) in (TypeError, ValueError):
-            return _explained(exc, layer_label(self))
+            return explained(exc, layer_label(self))
         if not isinstance(exc, SynchronizationError):
             return exc
         label = layer_label(self)
@@ -492,40 +238,9 @@ class SynchronizedBatchNormBase(_BatchNorm):
     ) -> "SynchronizedBatchNormBase":
         """A layer of this class holding ``module``'s very parameters, buffers and flags."""
         eps_mode = module.eps_mode if isinstance(module, SynchronizedBatchNormBase) else None
-        return transfer_batch_norm(module, cls, process_group=process_group, eps_mode=eps_mode)
+        return conversions.transfer_batch_norm(module, cls, process_group=process_group, eps_mode=eps_mode)
 
 
-def _layer_reducer(name: str, group: Any) -> ProcessGroupReducer:
-    """A layer's process-group reducer; a bad ``process_group`` is named as the layer's."""
-    if group is not None and not isinstance(group, dist.ProcessGroup):
-        raise TypeError(
-            f"{name}: expected process_group to be a torch.distributed.ProcessGroup (for example "
-            f"from torch.distributed.new_group(ranks) or fsyncbn.sync_groups) or None for WORLD, "
-            f"got {type(group).__name__} {group!r}"
-        )
-    return ProcessGroupReducer(group, name=None)
-
-
-def transfer_batch_norm(source: _BatchNorm, cls: type[nn.Module], **kwargs: Any) -> nn.Module:
-    """Build ``cls`` from ``source``'s hyper-parameters and hand it the same tensors.
-
-    Parameters and buffers are shared, not copied (as torch's convert_sync_batchnorm), so
-    dtype, device, requires_grad and every value are kept; so are the training flag and a
-    qconfig.
-    """
-    extra = {"bias": source.bias is not None} if TORCH_HAS_BIAS and source.affine else {}
-    target = cls(
-        source.num_features, source.eps, source.momentum, source.affine,
-        source.track_running_stats, device="meta", **extra, **kwargs,
-    )
-    for name in ("weight", "bias"):
-        setattr(target, name, getattr(source, name))
-    for name in STATE_KEYS:
-        setattr(target, name, getattr(source, name))
-    target.train(source.training)
-    if hasattr(source, "qconfig"):
-        target.qconfig = source.qconfig
-    return target
 class SynchronizedBatchNorm1d(SynchronizedBatchNormBase):
     """nn.BatchNorm1d whose training statistics span all participants.
 
@@ -542,7 +257,7 @@ class SynchronizedBatchNorm1d(SynchronizedBatchNormBase):
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 2 and input.dim() != 3:
-            raise ValueError(_rank_error("SynchronizedBatchNorm1d", "2D or 3D", input.dim()))
+            raise ValueError(rank_error("SynchronizedBatchNorm1d", "2D or 3D", input.dim()))
 
 
 class SynchronizedBatchNorm2d(SynchronizedBatchNormBase):
@@ -559,7 +274,7 @@ class SynchronizedBatchNorm2d(SynchronizedBatchNormBase):
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
-            raise ValueError(_rank_error("SynchronizedBatchNorm2d", "4D", input.dim()))
+            raise ValueError(rank_error("SynchronizedBatchNorm2d", "4D", input.dim()))
 
 
 class SynchronizedBatchNorm3d(SynchronizedBatchNormBase):
@@ -570,7 +285,7 @@ class SynchronizedBatchNorm3d(SynchronizedBatchNormBase):
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 5:
-            raise ValueError(_rank_error("SynchronizedBatchNorm3d", "5D", input.dim()))
+            raise ValueError(rank_error("SynchronizedBatchNorm3d", "5D", input.dim()))
 
 
 class SyncBatchNorm(SynchronizedBatchNormBase):
@@ -607,7 +322,7 @@ class SyncBatchNorm(SynchronizedBatchNormBase):
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:
-            raise ValueError(_rank_error("SyncBatchNorm", "at least 2D", input.dim()))
+            raise ValueError(rank_error("SyncBatchNorm", "at least 2D", input.dim()))
 
     @classmethod
     def convert_sync_batchnorm(
@@ -622,7 +337,7 @@ class SyncBatchNorm(SynchronizedBatchNormBase):
         :func:`fsyncbn.convert_model` knows timm's layers and registered ones.
         """
         converted = module
-        if type(module) in _PLAIN_BATCH_NORMS:
+        if conversions.repeats_batch_norm(type(module)):
             converted = cls.from_batchnorm(module, process_group)
         elif isinstance(module, _BatchNorm) and not isinstance(module, SynchronizedBatchNormBase):
             warnings.warn(
@@ -636,8 +351,13 @@ class SyncBatchNorm(SynchronizedBatchNormBase):
         return converted
 
 
-# What convert_sync_batchnorm converts: the classes whose computation a SyncBatchNorm repeats.
-_PLAIN_BATCH_NORMS = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
-    SynchronizedBatchNorm1d, SynchronizedBatchNorm2d, SynchronizedBatchNorm3d,
+# The table of batch-norm classes (fsyncbn.conversions) learns torch's four classes here.
+conversions.register_conversion(nn.BatchNorm1d, SynchronizedBatchNorm1d)
+conversions.register_conversion(nn.BatchNorm2d, SynchronizedBatchNorm2d)
+conversions.register_conversion(nn.BatchNorm3d, SynchronizedBatchNorm3d)
+conversions.register_conversion(
+    nn.SyncBatchNorm, SyncBatchNorm,
+    to_plain=lambda layer: conversions.transfer_batch_norm(
+        layer, nn.SyncBatchNorm, process_group=layer.process_group),
 )
+conversions.register_any_rank(SyncBatchNorm)

@@ -18,9 +18,10 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
-from torch._utils import _get_available_device_type, _get_device_attr, _get_device_index
 
+from .layer_errors import layer_label, name_layers
 from .modules import SynchronizedBatchNormBase
 from .replicas import ReplicaGroup, ReplicaMonitor
 
@@ -41,17 +42,16 @@ class ReplicaRun:
 
     def __init__(self, replicas: Sequence[nn.Module], timeout: float) -> None:
         self.replicas = list(replicas)
+        for replica in self.replicas:
+            name_layers(replica)  # attached: errors name each layer by its place in the model
         named = [
             [(name, m) for name, m in r.named_modules() if isinstance(m, SynchronizedBatchNormBase)]
             for r in self.replicas
         ]
         self.monitor = ReplicaMonitor(len(self.replicas))
         self.groups = [
-            ReplicaGroup(
-                len(self.replicas), f"{type(m).__name__} '{name or '<root>'}'", timeout,
-                self.monitor,
-            )
-            for name, m in named[0]
+            ReplicaGroup(len(self.replicas), layer_label(m), timeout, self.monitor)
+            for _, m in named[0]
         ]
         self._layers = [[m for _, m in layers] for layers in named]
         for index, layers in enumerate(self._layers):
@@ -138,7 +138,7 @@ def check_device_ids(caller: str, device_ids: Sequence[Any] | None) -> None:
     if not device_ids:  # None or []: every visible device (the module itself without GPUs)
         return
     named = list(device_ids)
-    indices = [_get_device_index(device, True) for device in named]
+    indices = [_device_index(device) for device in named]
     repeated = sorted({i for i in indices if indices.count(i) > 1})
     if repeated:
         raise ValueError(
@@ -147,8 +147,7 @@ def check_device_ids(caller: str, device_ids: Sequence[Any] | None) -> None:
             "run one after the other and never meet at a synchronized batch-norm layer. Give each "
             "replica its own device, or train on one device with the whole batch"
         )
-    device_type = _get_available_device_type()
-    visible = _get_device_attr(lambda m: m.device_count()) if device_type else 0
+    device_type, visible = _visible_accelerators()
     if not visible:
         raise ValueError(
             f"{caller}: device_ids={named!r} names {len(named)} GPU(s), but this machine sees none "
@@ -163,6 +162,25 @@ def check_device_ids(caller: str, device_ids: Sequence[Any] | None) -> None:
             f"machine sees {visible} (indices 0 to {visible - 1}); pass device_ids=None to use all "
             "of them, or indices below " + str(visible)
         )
+
+
+def _device_index(device: Any) -> int:
+    """The index a DataParallel device id names: an int, ``"cuda:1"``, a torch.device (no
+    index: the current device, 0)."""
+    if isinstance(device, int):
+        return device
+    index = torch.device(device).index
+    return 0 if index is None else index
+
+
+def _visible_accelerators() -> tuple[str | None, int]:
+    """The accelerator type DataParallel would use, and how many of its devices are visible."""
+    accelerator = getattr(torch, "accelerator", None)  # public since torch 2.6
+    if accelerator is not None:
+        if not accelerator.is_available():
+            return None, 0
+        return accelerator.current_accelerator().type, accelerator.device_count()
+    return ("cuda", torch.cuda.device_count()) if torch.cuda.is_available() else (None, 0)
 
 
 class _CallbackState(threading.local):

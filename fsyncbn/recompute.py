@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["CACHE_SIZE", "RecomputeCache", "is_recomputing", "may_be_recomputed"]
+from .functional.reducer import Reducer
 
-Reducer = Callable[[Tensor], Tensor]
+__all__ = ["CACHE_SIZE", "RecomputeCache", "is_recomputing", "may_be_recomputed"]
 
 CACHE_SIZE = 8
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .functional.state import STATE_KEYS
 
-__all__ = ["StepJournal", "journal_for", "roll_back_thread"]
+__all__ = ["StepJournal", "journal_for", "roll_back_step"]
 
 
 class StepJournal:
@@ -126,8 +126,18 @@ def journal_for(group: object) -> StepJournal:
     return journal
 
 
-def roll_back_thread() -> None:
-    """Roll back the current step of every process group's journal in the calling thread."""
+def roll_back_step() -> None:
+    """Undo the running-statistics writes of the current training step (torch.distributed path).
+
+    fsyncbn does this by itself when a synchronized layer fails, on every rank that sees the
+    failure. Call it when your own code raises in the middle of a step, so that this rank too
+    keeps nothing of it. It undoes the steps of the calling thread, on every process group.
+    The replica path (DataParallel) never writes a failed step, and the local path has
+    nothing to undo.
+
+    Example:
+        >>> roll_back_step()  # nothing to undo outside a step
+    """
     with _journals_lock:
         per_threads = list(_journals.values())
     for per_thread in per_threads:

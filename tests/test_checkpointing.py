@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fsyncbn import convert_model
+from fsyncbn import convert_model, routing
 from tests.distributed import finish_worker, spawn
 from tests.reference import informative_grad
 from tests.replicas import replicate, run_replicas
@@ -125,10 +125,11 @@ def test_a_layer_with_remembered_statistics_copies_and_pickles_without_them():
     from fsyncbn.recompute import RecomputeCache
 
     layer = convert_model(nn.BatchNorm1d(3))
-    cache = layer._recompute_cache()
+    cache = routing.recompute_cache(layer)
     cache.remember(torch.ones(5), torch.ones(5), reducer=lambda t: t)
     for copied in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
-        assert isinstance(copied._recompute_cache(), RecomputeCache) and len(copied._recompute_cache()) == 0
+        fresh = routing.recompute_cache(copied)
+        assert isinstance(fresh, RecomputeCache) and len(fresh) == 0
     assert len(cache) == 1
 
 

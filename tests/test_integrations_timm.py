@@ -228,7 +228,7 @@ def test_register_conversion_custom_functions_replace_and_refuse_bad_classes():
 
     def to_plain(layer):
         calls.append("plain")
-        from fsyncbn.modules import transfer_batch_norm
+        from fsyncbn.conversions import transfer_batch_norm
         return transfer_batch_norm(layer, LibraryNorm)
 
     register_conversion(LibraryNorm, LibrarySynchronized, to_sync=to_sync, to_plain=to_plain)

@@ -66,10 +66,8 @@ def _model() -> nn.Module:
     model.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
     model.head = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))
     model.volume = nn.BatchNorm3d(8)
-    model.any = nn.BatchNorm2d(8)
-    model = fsyncbn.convert_model(model)
-    model.any = SyncBatchNorm.convert_sync_batchnorm(model.any)
-    return model
+    model.any = SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm2d(8))
+    return fsyncbn.convert_model(model)  # names every synchronized layer, this one too
 
 
 def _set(name: str, value):

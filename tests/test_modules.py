@@ -18,6 +18,7 @@ from fsyncbn import (
     get_sbn_eps_mode,
     patch_replication_callback,
     revert_model,
+    routing,
     set_sbn_eps_mode,
 )
 from tests.reference import float64_moments
@@ -172,9 +173,9 @@ def test_forward_writes_buffers_only_from_the_returned_state_and_backward_still_
 
 def test_modules_pick_no_reducer_without_context():
     bn = SynchronizedBatchNorm2d(3)
-    assert bn._route().reducer is None
+    assert routing.route(bn).reducer is None
     bn.eval()
-    assert bn._route().reducer is None
+    assert routing.route(bn).reducer is None
 
 
 @pytest.mark.parametrize(
@@ -270,8 +271,7 @@ def test_gpus_beyond_those_visible_are_refused(monkeypatch):
 
     visible = torch.cuda.device_count()
     if not visible:  # play a machine with one GPU: the check asks what DataParallel asks
-        monkeypatch.setattr(parallel, "_get_available_device_type", lambda: "cuda")
-        monkeypatch.setattr(parallel, "_get_device_attr", lambda get: 1)
+        monkeypatch.setattr(parallel, "_visible_accelerators", lambda: ("cuda", 1))
         visible = 1
     with pytest.raises(ValueError, match=(
             rf"DataParallelWithCallback: device_ids=\[0, {visible}\] names cuda device\(s\) \[{visible}\], "

@@ -22,7 +22,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..convert import register_conversion
+from ..conversions import register_conversion
 from ..functional.state import STATE_KEYS
 from ..modules import SyncBatchNorm, SynchronizedBatchNorm2d
 
