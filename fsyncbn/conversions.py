@@ -30,7 +30,7 @@ from .functional.state import STATE_KEYS
 __all__ = [
     "Conversion", "TORCH_HAS_BIAS", "conversion_from_plain", "conversion_from_sync",
     "plain_batch_norm_class", "register_any_rank", "register_conversion", "repeats_batch_norm",
-    "takes_any_rank", "transfer_batch_norm", "warn_clamp_reverted",
+    "convert_sync_batchnorm", "takes_any_rank", "transfer_batch_norm", "warn_clamp_reverted",
 ]
 
 # Older torch has no ``bias`` keyword on batch norm; offer it where the installed one does.
@@ -209,3 +209,25 @@ def transfer_batch_norm(source: _BatchNorm, cls: type[nn.Module], **kwargs: Any)
     if hasattr(source, "qconfig"):
         target.qconfig = source.qconfig
     return target
+
+
+def convert_sync_batchnorm(
+    module: nn.Module, sync_cls: Any, synchronized: type[nn.Module],
+    process_group: dist.ProcessGroup | None,
+) -> nn.Module:
+    """``SyncBatchNorm.convert_sync_batchnorm``: every layer of ``module`` that computes torch's
+    batch norm (:func:`repeats_batch_norm`) becomes a ``sync_cls`` sharing its tensors; any
+    other batch-norm subclass that is not ``synchronized`` already stays, with a warning."""
+    converted = module
+    if repeats_batch_norm(type(module)):
+        converted = sync_cls.from_batchnorm(module, process_group)
+    elif isinstance(module, _BatchNorm) and not isinstance(module, synchronized):
+        warnings.warn(
+            f"SyncBatchNorm.convert_sync_batchnorm: left {type(module).__module__}."
+            f"{type(module).__qualname__} unconverted, since a subclass may compute something else "
+            "than its base class; fsyncbn.convert_model converts timm's layers and those of "
+            "fsyncbn.register_conversion", UserWarning, stacklevel=3,
+        )
+    for name, child in module.named_children():
+        converted.add_module(name, convert_sync_batchnorm(child, sync_cls, synchronized, process_group))
+    return converted

@@ -15,7 +15,9 @@ import weakref
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
-__all__ = ["explained", "layer_label", "name_layers", "rank_error"]
+from .functional.agreement import SynchronizationError
+
+__all__ = ["explained", "labelled", "layer_label", "name_layers", "rank_error"]
 
 # Where each module was last registered: child -> (parent, attribute name). Weak both ways.
 _attached: "weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref[nn.Module], str]]" = (
@@ -124,3 +126,15 @@ def rank_error(cls_name: str, expected: str, dim: int) -> str:
     return f"{cls_name}: expected {expected} input (got {dim}D input); {fix}"
 
 
+
+
+def labelled(exc: BaseException, layer: nn.Module) -> BaseException:
+    """``exc`` as ``layer`` raises it: a TypeError/ValueError (a check) names the layer in place
+    of the op, with the fix; a SynchronizationError not yet naming the layer gets its name;
+    anything else is unchanged."""
+    if type(exc) in (TypeError, ValueError):
+        return explained(exc, layer_label(layer))
+    if not isinstance(exc, SynchronizationError):
+        return exc
+    label = layer_label(layer)
+    return exc if str(exc).startswith(label) else SynchronizationError(f"{label}: {exc}")

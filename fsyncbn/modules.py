@@ -9,24 +9,22 @@ In eval mode the running statistics are used and nothing is synchronised or writ
 """
 
 # No `from __future__ import annotations`: TorchScript reads these annotations at runtime.
-import warnings
 from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import conversions, routing
 from . import eps_mode as eps_mode_module
-from .functional.agreement import SynchronizationError
 from .functional.checks import check_hyperparameters
 from .functional.ops import run_batch_norm
 from .functional.state import STATE_KEYS, State, check_num_features
-from .layer_errors import explained, layer_label, rank_error
+from .layer_errors import explained, labelled, rank_error
 from .replicas import ReplicaGroup
+from .scripting import local_batch_norm
 
 __all__ = [
     "SyncBatchNorm",
@@ -44,6 +42,7 @@ class SynchronizedBatchNormBase(_BatchNorm):
     # what only Python needs stays out of the script.
     eps_mode: Optional[str]  # noqa: UP045 - TorchScript reads this annotation
     __jit_unused_properties__ = ["process_group"]
+    __constants__ = [*_BatchNorm.__constants__, "_dims"]
     __jit_ignored_attributes__ = [
         "_process_group_reducer", "_replica", "_staged_state", "_validated", "_recompute",
         "qualified_name",
@@ -52,18 +51,10 @@ class SynchronizedBatchNormBase(_BatchNorm):
     qualified_name: Optional[str] = None  # noqa: UP045 - TorchScript reads this annotation
 
     def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
-        process_group: dist.ProcessGroup | None = None,
-        eps_mode: str | None = None,
+        self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+        affine: bool = True, track_running_stats: bool = True, device: Any = None,
+        dtype: torch.dtype | None = None, *, bias: bool = True,
+        process_group: dist.ProcessGroup | None = None, eps_mode: str | None = None,
     ) -> None:
         name = type(self).__name__
         try:
@@ -112,6 +103,13 @@ class SynchronizedBatchNormBase(_BatchNorm):
                 for key in STATE_KEYS:
                     getattr(self, key).copy_(staged[key])
 
+    # Input ranks accepted, and how errors say it (TorchScript reads no class name).
+    _dims = (2, 99, "at least 2D", "SyncBatchNorm")
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if not self._dims[0] <= input.dim() <= self._dims[1]:
+            raise ValueError(rank_error(self._dims[3], self._dims[2], input.dim()))
+
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
             self._check_input_dim(input)
@@ -126,7 +124,7 @@ class SynchronizedBatchNormBase(_BatchNorm):
                 raise TypeError(f"expected input to be a torch.Tensor, got {type(input).__name__}")
             self._check_input_dim(input)
         except (TypeError, ValueError) as exc:
-            raise self._labelled(exc) from None
+            raise labelled(exc, self) from None
         route = routing.route(self)
         state = self._state()
         eps_mode = self.eps_mode or eps_mode_module.get_sbn_eps_mode()
@@ -151,10 +149,10 @@ class SynchronizedBatchNormBase(_BatchNorm):
         except BaseException as exc:
             if route.journal is not None:
                 route.journal.roll_back()
-            labelled = self._labelled(exc)
-            if labelled is exc:
+            named = labelled(exc, self)
+            if named is exc:
                 raise
-            raise labelled from exc
+            raise named from exc
         if self.training and not route.in_place and route.commit:
             self._staged_state = new_state
         if route.journal is not None:
@@ -187,43 +185,11 @@ class SynchronizedBatchNormBase(_BatchNorm):
         buffers = self._buffers
         return {key: buffers[key] for key in STATE_KEYS}
 
-    @torch.jit.unused
-    def _labelled(self, exc: BaseException) -> BaseException:
-        """``exc``, or for a SynchronizationError not yet naming this layer, one that does; a
-        TypeError/ValueError (a check) names the layer in place of the op, and the fix."""
-        if type(exc) in (TypeError, ValueError):
-            return explained(exc, layer_label(self))
-        if not isinstance(exc, SynchronizationError):
-            return exc
-        label = layer_label(self)
-        if str(exc).startswith(label):
-            return exc
-        return SynchronizationError(f"{label}: {exc}")
-
     def _torch_forward(self, input: Tensor) -> Tensor:
-        """nn.BatchNorm's own computation, without synchronisation, updating the buffers in
-        place: the forward under TorchScript.
-
-        TorchScript cannot compile the functional op (keyword-only defaults, Literal,
-        torch.distributed), so a scripted layer is local, serves eps_mode "plus" only, and
-        does not see set_sbn_eps_mode.
-        """
-        eps_mode = self.eps_mode
-        if eps_mode is not None and eps_mode == "clamp":
-            raise RuntimeError("a scripted synchronized batch norm supports eps_mode 'plus' only; "
-                               "set layer.eps_mode = None before torch.jit.script")
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
-            num_batches_tracked = self.num_batches_tracked
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-                if self.momentum is None:
-                    factor = 1.0 / float(num_batches_tracked)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return F.batch_norm(
-            input, self.running_mean if track else None, self.running_var if track else None,
-            self.weight, self.bias, use_batch_stats, factor, self.eps,
+        """The forward under TorchScript: see :func:`fsyncbn.scripting.local_batch_norm`."""
+        return local_batch_norm(
+            input, self.running_mean, self.running_var, self.num_batches_tracked, self.weight,
+            self.bias, self.training, self.track_running_stats, self.momentum, self.eps, self.eps_mode,
         )
 
     def extra_repr(self) -> str:
@@ -255,9 +221,7 @@ class SynchronizedBatchNorm1d(SynchronizedBatchNormBase):
         torch.Size([8, 4])
     """
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 2 and input.dim() != 3:
-            raise ValueError(rank_error("SynchronizedBatchNorm1d", "2D or 3D", input.dim()))
+    _dims = (2, 3, '2D or 3D', 'SynchronizedBatchNorm1d')
 
 
 class SynchronizedBatchNorm2d(SynchronizedBatchNormBase):
@@ -272,9 +236,7 @@ class SynchronizedBatchNorm2d(SynchronizedBatchNormBase):
         torch.Size([2, 3, 4, 4])
     """
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(rank_error("SynchronizedBatchNorm2d", "4D", input.dim()))
+    _dims = (4, 4, '4D', 'SynchronizedBatchNorm2d')
 
 
 class SynchronizedBatchNorm3d(SynchronizedBatchNormBase):
@@ -283,9 +245,7 @@ class SynchronizedBatchNorm3d(SynchronizedBatchNormBase):
     Input ``(N, C, D, H, W)``. Arguments as :class:`SynchronizedBatchNorm1d`.
     """
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 5:
-            raise ValueError(rank_error("SynchronizedBatchNorm3d", "5D", input.dim()))
+    _dims = (5, 5, '5D', 'SynchronizedBatchNorm3d')
 
 
 class SyncBatchNorm(SynchronizedBatchNormBase):
@@ -301,28 +261,16 @@ class SyncBatchNorm(SynchronizedBatchNormBase):
         torch.Size([4, 3, 5])
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: dist.ProcessGroup | None = None,
-        device: Any = None,
-        dtype: torch.dtype | None = None,
-        *,
-        bias: bool = True,
-        eps_mode: str | None = None,
+    def __init__(  # torch.nn.SyncBatchNorm's argument order
+        self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+        affine: bool = True, track_running_stats: bool = True,
+        process_group: dist.ProcessGroup | None = None, device: Any = None,
+        dtype: torch.dtype | None = None, *, bias: bool = True, eps_mode: str | None = None,
     ) -> None:
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device, dtype,
             bias=bias, process_group=process_group, eps_mode=eps_mode,
         )
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(rank_error("SyncBatchNorm", "at least 2D", input.dim()))
 
     @classmethod
     def convert_sync_batchnorm(
@@ -336,19 +284,7 @@ class SyncBatchNorm(SynchronizedBatchNormBase):
         as it is, with a warning, since a SyncBatchNorm would not compute what it computes;
         :func:`fsyncbn.convert_model` knows timm's layers and registered ones.
         """
-        converted = module
-        if conversions.repeats_batch_norm(type(module)):
-            converted = cls.from_batchnorm(module, process_group)
-        elif isinstance(module, _BatchNorm) and not isinstance(module, SynchronizedBatchNormBase):
-            warnings.warn(
-                f"SyncBatchNorm.convert_sync_batchnorm: left {type(module).__module__}."
-                f"{type(module).__qualname__} unconverted, since a subclass may compute something else "
-                "than its base class; fsyncbn.convert_model converts timm's layers and those of "
-                "fsyncbn.register_conversion", UserWarning, stacklevel=2,
-            )
-        for name, child in module.named_children():
-            converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
-        return converted
+        return conversions.convert_sync_batchnorm(module, cls, SynchronizedBatchNormBase, process_group)
 
 
 # The table of batch-norm classes (fsyncbn.conversions) learns torch's four classes here.

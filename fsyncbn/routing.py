@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .layer_errors import labelled
 from .recompute import RecomputeCache, is_recomputing, may_be_recomputed
 from .reducers import ProcessGroupReducer
 from .step_journal import StepJournal, journal_for
@@ -80,10 +81,10 @@ class JournaledReducer:
         except BaseException as exc:
             self.journal.roll_back()
             layer = self.layer()
-            labelled = exc if layer is None else layer._labelled(exc)
-            if labelled is exc:
+            named = exc if layer is None else labelled(exc, layer)
+            if named is exc:
                 raise
-            raise labelled from exc
+            raise named from exc
 
 
 # The announced reducer (fsyncbn.Join's private group) of each layer inside a Join.
