@@ -26,6 +26,7 @@ from .parallel import (
 )
 from .reducers import LocalReducer, ProcessGroupReducer
 from .replicas import ReplicaGroup
+from .teardown import release_process_groups
 
 __version__ = "0.1.0"
 
@@ -49,6 +50,7 @@ __all__ = [
     "patch_sync_batchnorm",
     "reducers",
     "register_conversion",
+    "release_process_groups",
     "replicas",
     "revert_model",
     "roll_back_step",

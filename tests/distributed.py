@@ -125,3 +125,44 @@ def finish_worker() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def launch_ranks(module_args: list[str], world_size: int = 2, *, timeout_s: float = 120.0,
+                 env: dict[str, str] | None = None) -> list[tuple[int, str]]:
+    """Run ``python -m MODULE ARGS...`` as ``world_size`` ranks, as torchrun would (RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT); per rank, its exit status and its stderr. A rank
+    still running after ``timeout_s`` is killed (its status is then negative)."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    base = {
+        **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
+    }
+    procs = [subprocess.Popen([sys.executable, "-m", *module_args], cwd=root,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for r in range(world_size)]
+    deadline = time.monotonic() + timeout_s
+    outcomes = []
+    for p in procs:
+        try:
+            _, stderr = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, stderr = p.communicate()
+        outcomes.append((p.returncode, stderr))
+    return outcomes
+
+
+def unclean_exits(outcomes: list[tuple[int, str]]) -> list[str]:
+    """The ranks of ``launch_ranks``'s outcomes that did not exit cleanly: a non-zero status,
+    or "terminate called" in their stderr (an abort at interpreter exit)."""
+    return [f"rank {r}: exit status {code}\n{stderr[-1500:]}"
+            for r, (code, stderr) in enumerate(outcomes)
+            if code != 0 or "terminate called" in stderr]
