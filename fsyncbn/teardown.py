@@ -68,7 +68,7 @@ def _sweep() -> None:
     """Let go the buffers that nobody but this module holds any more (caller holds _lock)."""
     counts = _counts(_held)
     if any(c <= _BASELINE for c in counts):
-        _held[:] = [t for t, c in zip(_held, counts) if c > _BASELINE]
+        _held[:] = [t for t, c in zip(_held, counts, strict=True) if c > _BASELINE]
 
 
 def hold(buffer: Tensor) -> Tensor:
@@ -115,7 +115,9 @@ def start_thread(target: Callable[[threading.Event], None], name: str) -> thread
     return thread
 
 
-def stop_threads(threads: list[threading.Thread] | None = None, timeout_s: float = EXIT_TIMEOUT_S) -> list[threading.Thread]:
+def stop_threads(
+    threads: list[threading.Thread] | None = None, timeout_s: float = EXIT_TIMEOUT_S
+) -> list[threading.Thread]:
     """Ask ``threads`` (default: all of fsyncbn's) to stop, wait for them up to ``timeout_s``;
     returns those still running."""
     with _lock:

@@ -45,7 +45,7 @@ SCENARIOS = {
     "lightning": lambda out: [sys.executable, "-m", "tests.lightning_fit", out, "plugin"],
     "accelerate": lambda out: _torchrun("-m", "tests.accelerate_fit", out),
     "join-recipe": lambda out: [sys.executable, _join_recipe()],
-    "benchmark-d": lambda out: [sys.executable, "-m", "benchmarks", "--cases", "d", "--quick"],
+    "benchmark-d": lambda out: [sys.executable, "-m", "benchmarks", "--cases", "d", "--quick", "--out", out],
     "ddp-torchrun": lambda out: _torchrun("examples/ddp_torchrun.py", "--timeout", "30", "--stats-dir", out),
 }
 

@@ -67,8 +67,9 @@ def main(variant: str) -> None:
     elif variant == "backward":
         _step(model, torch.randn(5, 4))  # the last collectives: the backward sums
     elif variant == "join":
-        import fsyncbn
         from torch.nn.parallel import DistributedDataParallel as DDP
+
+        import fsyncbn
 
         ddp = DDP(model)
         with fsyncbn.Join([ddp]):
