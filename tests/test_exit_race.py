@@ -116,3 +116,34 @@ def _stopped_mid_collective(rank: int, world_size: int) -> None:
 
 def test_a_stopped_thread_leaves_its_collective_and_the_drain_waits_for_gloo():
     spawn(2, _stopped_mid_collective)
+
+
+def _join_fails(rank: int, world_size: int) -> None:
+    torch.manual_seed(0)
+    model = DDP(fsyncbn.convert_model(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5))))
+    start = time.monotonic()
+    try:
+        with fsyncbn.Join([model]):
+            for step in range(1 + rank):
+                if step == 1:  # rank 1 fails in its second step, while rank 0 shadows it
+                    raise KeyError("the data loader failed")
+                y = model(torch.randn(3, 4))
+                (y * torch.randn_like(y)).sum().backward()
+    except KeyError:
+        assert rank == 1
+        del model  # the failed rank leaves, closing its connections: rank 0's collectives fail
+        fsyncbn.release_process_groups()
+        dist.destroy_process_group()
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # for spawn's teardown
+    except Exception:  # noqa: BLE001 - rank 0: torch's join loop lost its peer
+        assert rank == 0
+    else:
+        raise AssertionError(f"rank {rank}: the Join block ended without an error")
+    assert time.monotonic() - start < 15
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("fsyncbn")]
+    assert not alive and not teardown._threads, f"threads of fsyncbn outlived the Join: {alive}"
+
+
+@pytest.mark.slow
+def test_a_failed_join_leaves_no_thread_of_fsyncbn():
+    spawn(2, _join_fails)
