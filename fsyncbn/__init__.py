@@ -37,6 +37,7 @@ from .parallel import (
 from .reducers import LocalReducer, ProcessGroupReducer
 from .replicas import ReplicaGroup
 from .step_journal import roll_back_step
+from .teardown import release_process_groups
 
 __version__ = "0.1.0"
 
@@ -61,6 +62,7 @@ __all__ = [
     "patch_sync_batchnorm",
     "reducers",
     "register_conversion",
+    "release_process_groups",
     "replicas",
     "revert_model",
     "roll_back_step",

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.distributed.algorithms.join import Join as TorchJoin
 from torch.distributed.algorithms.join import Joinable
 
-from . import routing
+from . import routing, teardown
 from .functional.agreement import SynchronizationError, agreement_header
 from .layer_errors import name_layers
 from .modules import SynchronizedBatchNormBase
@@ -70,15 +70,31 @@ _SHADOW_STOP_TIMEOUT_S = 60.0
 
 # Private groups, per default group (by name: no weak reference to a process group, which would
 # run Python while gloo tears it down at exit) and rank lists, made once, in the same order.
+# The only references fsyncbn keeps to them: they end with their parent (see _release_stale)
+# or when fsyncbn.release_process_groups() runs (at the latest at interpreter exit).
 _private_cache: dict[tuple[str, int], dict[tuple[int, ...], dist.ProcessGroup]] = {}
 
 
 class _PrivateGroup:
     """fsyncbn's own copy of one layer group: active ranks send headed messages of ``capacity``
-    numbers, shadows send zeros. Called, it is the layers' reducer inside the Join."""
+    numbers, shadows send zeros. Called, it is the layers' reducer inside the Join. It names
+    its process group (``key``, ``ranks`` in ``_private_cache``) rather than holding it, so that
+    a Join or an autograd graph kept by the user does not keep the group alive."""
 
-    def __init__(self, group: dist.ProcessGroup, device: torch.device, capacity: int) -> None:
-        self.group, self.device, self.capacity = group, device, capacity
+    def __init__(self, key: tuple[str, int], ranks: tuple[int, ...], device: torch.device,
+                 capacity: int) -> None:
+        self.key, self.ranks, self.device, self.capacity = key, ranks, device, capacity
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        group = _private_cache.get(self.key, {}).get(self.ranks)
+        if group is None:
+            raise RuntimeError(
+                f"fsyncbn.Join: the process group it made for ranks {list(self.ranks)} was released "
+                "(fsyncbn.release_process_groups() ran, or the default group was destroyed); make a "
+                "new fsyncbn.Join"
+            )
+        return group
 
     def __call__(self, t: Tensor) -> Tensor:
         return _AnnouncedSum.apply(t, self)
@@ -96,6 +112,8 @@ class _PrivateGroup:
             (*agreement_header(size), float(code), float(code * code)), dtype=torch.float64
         )
         message[_HEADER_SIZE:_HEADER_SIZE + size] = t.detach().reshape(-1)
+        if message.device.type == "cpu":
+            teardown.hold(message)  # until gloo has let it go (the result below is a copy)
         try:
             dist.all_reduce(message, group=self.group)
         except (RuntimeError, dist.DistError) as exc:
@@ -114,16 +132,22 @@ class _PrivateGroup:
                 f"of {t.dtype}, the {active:g} active ranks average {total / active:g} numbers "
                 "(a rank skipped a synchronized layer, called one again, or has another C)"
             )
-        return message[_HEADER_SIZE:_HEADER_SIZE + size].to(t.dtype).reshape(t.shape)
+        # A copy: a view would keep a reference to the message.
+        return message[_HEADER_SIZE:_HEADER_SIZE + size].to(t.dtype, copy=True).reshape(t.shape)
 
-    def shadow(self) -> None:
+    def shadow(self, stop: threading.Event) -> None:
         """The joined side: send zeros, an empty contribution to every message of the active
-        ranks, until every rank of the group has joined."""
+        ranks, until every rank of the group has joined, or until ``stop`` is set (the sum in
+        flight is then left to the backend, its message held until gloo lets it go)."""
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # the current device is per thread
+        group = self.group
         while True:
             message = torch.zeros(_HEADER_SIZE + self.capacity, dtype=torch.float64, device=self.device)
-            dist.all_reduce(message, group=self.group)
+            if message.device.type == "cpu":
+                teardown.hold(message)
+            if not teardown.wait_for(dist.all_reduce(message, group=group, async_op=True), stop):
+                return
             if message[0].item() == 0:
                 return
 
@@ -217,18 +241,21 @@ class Join(TorchJoin):
             self._wait_for_shadows()
         finally:
             routing.withdraw(self._privates)
+            # Shadows still running (torch's join loop raised, or they did not stop in time)
+            # leave their collective now: no thread of fsyncbn outlives the block.
+            teardown.stop_threads(self._shadows)
+            self._shadows = []
 
     def _start_shadows(self) -> None:
-        distinct = {id(p.group): p for p in self._privates.values()}
+        distinct = {p.ranks: p for p in self._privates.values()}
         for private in distinct.values():
-            thread = threading.Thread(target=self._run_shadow, args=(private,), daemon=True,
-                                      name="fsyncbn-join-shadow")
-            thread.start()
-            self._shadows.append(thread)
+            self._shadows.append(teardown.start_thread(
+                lambda stop, private=private: self._run_shadow(private, stop), "fsyncbn-join-shadow"
+            ))
 
-    def _run_shadow(self, private: _PrivateGroup) -> None:
+    def _run_shadow(self, private: _PrivateGroup, stop: threading.Event) -> None:
         try:
-            private.shadow()
+            private.shadow(stop)
         except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
             self._shadow_errors.append(exc)
 
@@ -237,7 +264,6 @@ class Join(TorchJoin):
         for thread in self._shadows:
             thread.join(max(0.0, deadline - time.monotonic()))
         running = [t for t in self._shadows if t.is_alive()]
-        self._shadows = []
         if self._shadow_errors:
             error = self._shadow_errors[0]
             raise SynchronizationError(
@@ -278,7 +304,9 @@ def _private_groups(layers: list[nn.Module]) -> dict[nn.Module, _PrivateGroup]:
         for ranks, channels in entries:
             widest[tuple(ranks)] = max(widest.get(tuple(ranks), 0), channels)
     all_lists = sorted({tuple(ranks) for entries in everyone for ranks, _ in entries})
-    cache = _private_cache.setdefault((world.group_name, id(world)), {})
+    _release_stale()
+    key = (world.group_name, id(world))
+    cache = _private_cache.setdefault(key, {})
     timeout = _timeout_of(world)
     for ranks in all_lists:
         if ranks not in cache:  # the same on every rank: they saw the same lists before
@@ -288,9 +316,48 @@ def _private_groups(layers: list[nn.Module]) -> dict[nn.Module, _PrivateGroup]:
     for layer, ranks in mine.items():
         if ranks not in privates:
             # The forward message, 2C + 4 numbers, is the largest (backward: 2C).
-            privates[ranks] = _PrivateGroup(cache[ranks], _device_of(layer), 2 * widest[ranks] + 4)
+            privates[ranks] = _PrivateGroup(key, ranks, _device_of(layer), 2 * widest[ranks] + 4)
         result[layer] = privates[ranks]
     return result
+
+
+def _registered(group: dist.ProcessGroup) -> bool:
+    """Whether torch still knows ``group`` (destroy_process_group forgets it)."""
+    try:
+        dist.get_backend(group)
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+def _destroy(groups: dict[tuple[int, ...], dist.ProcessGroup]) -> None:
+    """Destroy private groups and drop fsyncbn's references to them: being the last, gloo's
+    worker threads then end (collectives on them must be over: see fsyncbn.teardown)."""
+    for group in groups.values():
+        if dist.is_initialized() and _registered(group):
+            dist.destroy_process_group(group)
+    groups.clear()
+
+
+def _release_stale() -> None:
+    """Destroy the private groups whose parent (the default group they were made under) was
+    destroyed. Checked when a Join is made and at exit, rather than by wrapping torch's
+    destroy_process_group: torch and the launchers call it by many names."""
+    world = dist.group.WORLD if dist.is_initialized() else None
+    live = None if world is None else (world.group_name, id(world))
+    stale = [key for key, groups in _private_cache.items()
+             if key != live or not all(_registered(g) for g in groups.values())]
+    if stale and teardown.drain(teardown.EXIT_TIMEOUT_S):
+        for key in stale:
+            _destroy(_private_cache.pop(key))
+
+
+def _release_all() -> None:
+    while _private_cache:
+        _destroy(_private_cache.popitem()[1])
+
+
+teardown.on_release(_release_all)
 
 
 def _device_of(layer: nn.Module) -> torch.device:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
+from . import teardown
 from .functional.agreement import SynchronizationError, agreement_header, disagreement
 from .functional.reducer import LocalReducer, Reducer
 
@@ -34,13 +35,20 @@ def all_reduce_sum(t: Tensor, group: dist.ProcessGroup) -> Tensor:
 
     torch.compile traces the functional collective. In eager mode the plain c10d call costs
     far less around the collective itself (gloo, one rank, 132 numbers: about 75 us against
-    335 us for funcol's all_reduce + wait_tensor).
+    335 us for funcol's all_reduce + wait_tensor). A CPU tensor is summed in a buffer that
+    fsyncbn keeps until gloo has let it go, and the caller gets a copy, so that gloo's worker
+    never holds the last reference to a Python object at interpreter exit (see
+    :mod:`fsyncbn.teardown`); other devices sum in place, with no host synchronisation.
     """
     if torch.compiler.is_compiling():
         return funcol.wait_tensor(funcol.all_reduce(t, "sum", group))
-    total = t.clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-    return total
+    if t.device.type != "cpu":
+        total = t.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total
+    buffer = teardown.hold(t.clone())
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    return buffer.clone()
 
 
 class _AllReduceSum(torch.autograd.Function):

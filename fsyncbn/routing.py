@@ -33,7 +33,9 @@ from .recompute import RecomputeCache, is_recomputing, may_be_recomputed
 from .reducers import ProcessGroupReducer
 from .step_journal import StepJournal, journal_for
 
-__all__ = ["LOCAL_ROUTE", "Route", "announce", "process_group_reducer", "route", "withdraw"]
+__all__ = [
+    "LOCAL_ROUTE", "Route", "announce", "announced_reducer", "process_group_reducer", "route", "withdraw",
+]
 
 Reducer = Callable[[Tensor], Tensor]
 
@@ -103,6 +105,11 @@ def withdraw(layers: Iterable[nn.Module]) -> None:
         _announcing.pop(layer, None)
 
 
+def announced_reducer(layer: nn.Module) -> Any:
+    """The announced reducer of ``layer`` inside a :class:`fsyncbn.Join`, or None outside."""
+    return _announcing.get(layer)
+
+
 def route(layer: nn.Module) -> Route:
     """The route of ``layer``'s current forward (see the module docstring)."""
     chosen = _synchronisation(layer)
@@ -134,7 +141,7 @@ def _synchronisation(layer: Any) -> Route:
         group, replica = layer._replica
         return Route(group.reducer(replica), False, None)
     if dist.is_available() and dist.is_initialized():
-        announced = _announcing.get(layer)
+        announced = announced_reducer(layer)
         if announced is not None:
             journal = journal_for(announced.group)
             return Route(JournaledReducer(layer, journal, announced), True, journal)

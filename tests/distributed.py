@@ -11,6 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 PG_TIMEOUT_S = 20.0
+# How long a fault test's rank may take to exit after its report (destroying a gloo group waits
+# for a collective in flight, up to the group's timeout).
+EXIT_S = 30.0
 
 
 def free_port() -> int:
@@ -51,11 +54,14 @@ def spawn(world_size: int, fn: Callable, *args, timeout_s: float = 120.0) -> Non
             raise AssertionError(f"distributed workers still running after {timeout_s} s")
 
 
-def _fault_bootstrap(rank, world_size, port, fn, results, pg_timeout_s) -> None:
+def _fault_bootstrap(rank, world_size, port, fn, results, pg_timeout_s, stderr_path) -> None:
     import time
 
     import torch
 
+    # The C++ runtime writes "terminate called ..." to file descriptor 2: keep it for the test.
+    with open(stderr_path, "w") as stderr:
+        os.dup2(stderr.fileno(), 2)
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
@@ -69,22 +75,28 @@ def _fault_bootstrap(rank, world_size, port, fn, results, pg_timeout_s) -> None:
         results.put((rank, type(exc).__name__, str(exc), time.monotonic() - start))
     results.close()
     results.join_thread()  # flush the report before leaving
-    os._exit(0)  # no teardown handshake with peers that may be gone
+    # Then leave as a training script should, peers gone or not: destroy the group, return.
+    dist.destroy_process_group()
 
 
 def launch_with_faults(world_size: int, fn: Callable, *, pg_timeout_s: float = 5.0,
                        timeout_s: float = 120.0) -> dict[int, tuple[str, str, float]]:
     """Run ``fn(rank, world_size)`` per rank where ranks may die: per rank, the outcome
     ``(exception type name or "ok", message, seconds)``, or ``("exited", code, nan)`` for a
-    rank that reported nothing. Fails if any rank is still running after ``timeout_s``."""
+    rank that reported nothing. Fails if any rank is still running after ``timeout_s``, and
+    if a rank that reported did not then exit cleanly (status 0, no "terminate called"), within
+    ``EXIT_S`` of its report."""
     import queue
+    import tempfile
     import time
+    from pathlib import Path
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
+    logs = Path(tempfile.mkdtemp(prefix="fsyncbn-faults-"))
     procs = [ctx.Process(target=_fault_bootstrap,
-                         args=(r, world_size, port, fn, results, pg_timeout_s))
+                         args=(r, world_size, port, fn, results, pg_timeout_s, str(logs / f"rank{r}.err")))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -98,30 +110,62 @@ def launch_with_faults(world_size: int, fn: Callable, *, pg_timeout_s: float = 5
             if all(not p.is_alive() for p in procs) and results.empty():
                 break
     hung = [r for r, p in enumerate(procs) if p.is_alive() and r not in outcomes]
+    exit_deadline = time.monotonic() + EXIT_S
     for p in procs:
-        p.join(timeout=5)
+        p.join(timeout=max(0.1, exit_deadline - time.monotonic()))
         if p.is_alive():
             p.kill()
+            p.join()
     if hung:
         raise AssertionError(f"ranks {hung} still running after {timeout_s} s: a hang")
+    unclean = []
     for r, p in enumerate(procs):
+        stderr = (logs / f"rank{r}.err").read_text(errors="replace")
+        if r in outcomes and (p.exitcode != 0 or "terminate called" in stderr):
+            unclean.append(f"rank {r} reported {outcomes[r][0]}, then exit status {p.exitcode}\n"
+                           f"{stderr[-1500:]}")
         outcomes.setdefault(r, ("exited", str(p.exitcode), float("nan")))
+    if unclean:
+        raise AssertionError("ranks did not exit cleanly:\n" + "\n".join(unclean))
     return outcomes
 
 
-def finish_worker() -> None:
-    """End a spawned worker whose checks passed: tear down the process group and leave without
-    interpreter finalization.
-
-    Under load, a gloo worker sometimes aborts in finalization, after destroy_process_group
-    ("terminate called without an active exception"), while the ProcessGroup object is still
-    referenced (torch._dynamo alone holds ~10 references). That is an exit-status question,
-    which tests/test_integrations_lightning.py checks on real interpreter exits; the numeric
-    tests that call this should not fail on it.
-    """
+def launch_ranks(module_args: list[str], world_size: int = 2, *, timeout_s: float = 120.0,
+                 env: dict[str, str] | None = None) -> list[tuple[int, str]]:
+    """Run ``python -m MODULE ARGS...`` as ``world_size`` ranks, as torchrun would (RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT); per rank, its exit status and its stderr. A rank
+    still running after ``timeout_s`` is killed (its status is then negative)."""
+    import subprocess
     import sys
+    import time
+    from pathlib import Path
 
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    root = Path(__file__).resolve().parent.parent
+    base = {
+        **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+        **(env or {}),
+    }
+    procs = [subprocess.Popen([sys.executable, "-m", *module_args], cwd=root,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for r in range(world_size)]
+    deadline = time.monotonic() + timeout_s
+    outcomes = []
+    for p in procs:
+        try:
+            _, stderr = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, stderr = p.communicate()
+        outcomes.append((p.returncode, stderr))
+    return outcomes
+
+
+def unclean_exits(outcomes: list[tuple[int, str]]) -> list[str]:
+    """The ranks of ``launch_ranks``'s outcomes that did not exit cleanly: a non-zero status,
+    or "terminate called" in their stderr (an abort at interpreter exit)."""
+    return [f"rank {r}: exit status {code}\n{stderr[-1500:]}"
+            for r, (code, stderr) in enumerate(outcomes)
+            if code != 0 or "terminate called" in stderr]

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fsyncbn import convert_model, routing
-from tests.distributed import finish_worker, spawn
+from tests.distributed import spawn
 from tests.reference import informative_grad
 from tests.replicas import replicate, run_replicas
 from tests.threads import raise_first
@@ -186,7 +186,6 @@ def _checkpointed_ranks(rank: int, world_size: int, use_reentrant: bool) -> None
                 assert calls[1] == calls[0] == 4, f"step {step}: all_reduce calls {calls}"
     finally:
         dist.all_reduce = counter.original
-    finish_worker()
 
 
 @pytest.mark.distributed

@@ -61,7 +61,8 @@ def test_docs_block_runs(name, index, block, tmp_path):
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
         done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
                               timeout=180)
-        assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        assert done.returncode == 0 and "terminate called" not in done.stderr, (
+            f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's chatter

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import threading
 import time
 
@@ -69,7 +70,7 @@ def _fails_in_step_two(rank: int, fault, *, in_backward: bool = False) -> None:
 
 
 def _exit() -> None:
-    os._exit(3)
+    os.kill(os.getpid(), signal.SIGKILL)  # a crash (OOM killer, segfault): no Python cleanup at all
 
 
 def _sleep_past_the_timeout() -> None:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fsyncbn import convert_model
-from tests.distributed import finish_worker, spawn
+from tests.distributed import spawn
 from tests.reference import informative_grad
 
 pytestmark = [pytest.mark.distributed]
@@ -85,7 +85,6 @@ def _fsdp_trains_like_one_model(rank: int, world_size: int, mixed: bool) -> None
             gathered = [torch.empty_like(state[key]) for _ in range(world_size)]
             dist.all_gather(gathered, state[key])
             assert torch.equal(gathered[0], gathered[1]), key
-    finish_worker()
 
 
 @pytest.mark.parametrize("mixed", [False, True], ids=["float64", "mixed-precision"])
@@ -120,7 +119,6 @@ def _state_dict_round_trips(rank: int, world_size: int) -> None:
     set_model_state_dict(other, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
     for key, value in plain.state_dict().items():
         torch.testing.assert_close(_full(other.state_dict()[key]), value, rtol=0, atol=0, msg=key)
-    finish_worker()
 
 
 def test_fsdp2_state_dict_round_trips():

@@ -70,7 +70,8 @@ def test_fit_equals_the_union_reference_and_exits_cleanly_every_time(tmp_path):
             except subprocess.TimeoutExpired:
                 process.kill()
                 _, stderr = process.communicate()
-            if process.returncode != 0:
+            # Lightning's second rank shares this stderr; its status is not the launcher's.
+            if process.returncode != 0 or "terminate called" in stderr:
                 failures.append(f"run {run} ({how}): exit status {process.returncode}\n{stderr[-2000:]}")
                 continue
             for rank in range(2):

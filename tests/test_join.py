@@ -169,9 +169,9 @@ def test_a_failed_step_inside_join_is_rolled_back():
         before = {k: v.clone() for k, v in model.state_dict().items()}
         with pytest.raises(ValueError, match="expected input with 6 channels"):
             with fsyncbn.Join([ddp]):
-                assert fsyncbn.join.announced_reducer(model[1]) is not None
+                assert fsyncbn.routing.announced_reducer(model[1]) is not None
                 ddp(torch.randn(8, 4))
-        assert fsyncbn.join.announced_reducer(model[1]) is None
+        assert fsyncbn.routing.announced_reducer(model[1]) is None
         for key, value in model.state_dict().items():  # model[1] had written its statistics
             assert torch.equal(value, before[key]), key
     finally:

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fsyncbn import convert_model
 from fsyncbn.step_journal import journal_for
-from tests.distributed import finish_worker, spawn
+from tests.distributed import spawn
 from tests.replicas import replicate, run_replicas
 from tests.threads import raise_first
 
@@ -78,7 +78,6 @@ def _dropped_ddp_model_is_collected(rank: int, world_size: int) -> None:
     journal = journal_for(dist.group.WORLD)
     assert len(journal._saved) == 0, "the step journal kept a dropped layer's saved buffers"
     assert loss.grad_fn is not None
-    finish_worker()
 
 
 @pytest.mark.distributed
