@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.faultlog import FAULTS
+from tests._support.faultlog import FAULTS
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]

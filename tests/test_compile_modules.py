@@ -15,7 +15,7 @@ from fsyncbn import (
     SynchronizedBatchNorm3d,
     convert_model,
 )
-from tests.models import TinyResNet
+from tests._support.models import TinyResNet
 
 pytestmark = pytest.mark.slow
 
@@ -135,8 +135,8 @@ def test_export_equals_eager(training):
 def test_compiled_replicas_equal_eager_replicas_without_graph_breaks():
     """Compiling inside the replicas: the replica exchange is one opaque op in the graph."""
     from fsyncbn import DataParallelWithCallback
-    from tests.replicas import replicate, run_replicas
-    from tests.threads import raise_first
+    from tests._support.replica_threads import replicate, run_replicas
+    from tests._support.threads import raise_first
 
     splits = [2, 4]
     eager_model = _model(torch.float64)

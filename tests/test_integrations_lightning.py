@@ -3,7 +3,7 @@
 The trained weights and running statistics equal a single-process reference on the union of
 the ranks' batches, the Trainer hands the model back with torch's classes, and the processes
 exit with status 0 every time (they used to abort now and then at exit, "terminate called
-without an active exception"). Each fit is a fresh pair of processes (tests/lightning_fit.py).
+without an active exception"). Each fit is a fresh pair of processes (tests/_scripts/lightning_fit.py).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import pytest
 import torch
 from torch import nn
 
-from tests.distributed import free_port
+from tests._support.distributed import free_port
 
 pytest.importorskip("lightning")
 
 from fsyncbn.integrations.lightning import SyncBatchNormPlugin  # noqa: E402
-from tests import fit_reference  # noqa: E402
+from tests._support import fit_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = 10
@@ -34,7 +34,7 @@ def _start_fit(out_dir: Path, how: str) -> subprocess.Popen:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.lightning_fit", str(out_dir), how], cwd=ROOT, env=env,
+        [sys.executable, "-m", "tests._scripts.lightning_fit", str(out_dir), how], cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
 

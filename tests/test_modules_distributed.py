@@ -8,9 +8,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fsyncbn import SynchronizedBatchNorm1d, convert_model
-from tests.distributed import spawn
-from tests.models import TinyResNet
-from tests.reference import informative_grad
+from tests._support.distributed import spawn
+from tests._support.models import TinyResNet
+from tests._support.reference import informative_grad
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
