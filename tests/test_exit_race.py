@@ -26,7 +26,7 @@ from tests._support.distributed import launch_ranks, spawn, unclean_exits
 
 pytestmark = pytest.mark.distributed
 
-RUNS = 3
+RUNS = 2  # the hold forces the race every run (before the drain, every run aborted)
 
 
 @pytest.mark.parametrize("variant", ["forward", "backward", "join"])
