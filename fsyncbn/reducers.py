@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -23,7 +22,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
-from . import teardown
+from . import group_keys, teardown
 from .functional.agreement import SynchronizationError, agreement_header, disagreement
 from .functional.reducer import LocalReducer, Reducer
 
@@ -82,8 +81,9 @@ def is_peer_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(word in text for word in _PEER_FAILURE)
 
 
-# Per process group, the tag of the next reducer to make its first call (see _tagged_sum).
-_next_tag: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Per process group (named, not held: see group_keys), the tag of the next reducer to make its
+# first call (see _tagged_sum).
+_next_tag: dict[tuple, itertools.count] = {}
 _tag_lock = threading.Lock()
 
 
@@ -182,7 +182,10 @@ class ProcessGroupReducer:
 
     def _assign_tag(self, group: dist.ProcessGroup) -> None:
         with _tag_lock:
-            index = next(_next_tag.setdefault(group, itertools.count()))
+            key = group_keys.key_of(group)
+            if key not in _next_tag:
+                group_keys.prune(_next_tag)
+            index = next(_next_tag.setdefault(key, itertools.count()))
         # Kept small enough that float64 sums of tag^2 stay exact for any world size.
         self._tag = 1 + index % 65536
         self._tag_header = torch.tensor(agreement_header(self._tag), dtype=torch.float64)
