@@ -55,7 +55,7 @@ from torch.distributed.algorithms.join import Join as TorchJoin
 from torch.distributed.algorithms.join import Joinable
 
 from . import routing, teardown
-from .functional.agreement import SynchronizationError, agreement_header
+from .functional.agreement import SynchronizationError, agreement_header, disagreement
 from .layer_errors import name_layers
 from .modules import SynchronizedBatchNormBase
 from .reducers import is_peer_failure
@@ -124,9 +124,8 @@ class _PrivateGroup:
                 f"timeout, or left without fsyncbn.Join ({type(exc).__name__}: {exc})"
             ) from exc
         active, total, total_square, codes, codes_square = message[:_HEADER_SIZE].tolist()
-        if (total, total_square, codes, codes_square) != (
-            active * size, active * size * size, active * code, active * code * code
-        ):
+        average = disagreement((active, total, total_square), size)
+        if average is not None or disagreement((active, codes, codes_square), code) is not None:
             raise SynchronizationError(
                 f"fsyncbn.Join: the active ranks are out of step: this rank sums {size} numbers "
                 f"of {t.dtype}, the {active:g} active ranks average {total / active:g} numbers "

@@ -1,14 +1,9 @@
-"""Reducers for torch.distributed, and the reducer contract.
+"""Reducers for torch.distributed.
 
-The contract lives with the functional ops (:mod:`fsyncbn.functional.reducer`): **a reducer
-is any callable ``reducer(t: Tensor) -> Tensor`` returning the element-wise sum of ``t`` over
-all participants, differentiable (its backward is the same sum of the incoming gradients).**
-Every participant calls it the same number of times with tensors of the same shape. fsyncbn
-calls it once per batch-norm layer in forward and once in backward, on O(C) numbers. Write
-your own for another transport (Horovod, a custom RPC): nothing else is required.
-
-Here: :class:`LocalReducer` (one participant) and :class:`ProcessGroupReducer` (the ranks of
-a torch.distributed process group). DataParallel replicas meet in :mod:`fsyncbn.replicas`.
+What a reducer is, is written once, with the functional ops: :mod:`fsyncbn.functional.reducer`.
+Here: :class:`ProcessGroupReducer` (the ranks of a torch.distributed process group) and
+:func:`all_reduce_sum`; :class:`LocalReducer` (one participant) is re-exported. DataParallel
+replicas meet in :mod:`fsyncbn.replicas`.
 """
 
 from __future__ import annotations
