@@ -19,6 +19,8 @@ The choices, in one place:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -109,12 +111,18 @@ def pack(header: tuple[float, ...], parts: list[Tensor]) -> Tensor:
     """The float64 message ``[*header, *parts]`` on the parts' device."""
     device = parts[0].device
     if host.reads_on_host(parts[0]):
-        head = [torch.tensor(header, dtype=torch.float64)]
+        head = [_host_header(header)]  # cat copies it: the cached tensor is never written
     else:
         # Filled on the device, not copied from host memory: a host-to-device copy would
         # synchronise and cannot be captured in a CUDA graph.
         head = [torch.full((1,), value, dtype=torch.float64, device=device) for value in header]
     return torch.cat([*head, *parts])
+
+
+@functools.lru_cache(maxsize=256)
+def _host_header(header: tuple[float, ...]) -> Tensor:
+    """A CPU tensor of ``header``, made once per header (a layer sends the same one each step)."""
+    return torch.tensor(header, dtype=torch.float64)
 
 
 # --- normalisation ------------------------------------------------------------------------

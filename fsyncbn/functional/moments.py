@@ -25,7 +25,7 @@ from torch import Tensor
 from . import kernels, message
 from .agreement import SynchronizationError, disagreement
 from .checks import shape_str, values_per_channel
-from .host import assert_on_device, at_least, in_dtype, reads_on_host
+from .host import assert_on_device, at_least, reads_on_host
 
 
 class GlobalMoments(NamedTuple):
@@ -125,7 +125,11 @@ def merge_moments(total: Tensor, count: Tensor | float, dtype: torch.dtype) -> G
     mean, mean_square = (sums / at_least(count, 1.0)).unbind()
     var = torch.addcmul(mean_square, mean, mean, value=-1).clamp_(min=0)
     var_unbiased = var * (count / at_least(count - 1, 1.0))
-    return GlobalMoments(in_dtype(mean, dtype), in_dtype(var, dtype), in_dtype(var_unbiased, dtype), count)
+    if dtype == torch.float64:
+        return GlobalMoments(mean, var, var_unbiased, count)
+    # One cast for the three (each op is a dispatch on small tensors).
+    mean, var, var_unbiased = torch.stack([mean, var, var_unbiased]).to(dtype).unbind()
+    return GlobalMoments(mean, var, var_unbiased, count)
 
 
 def global_moments(
