@@ -189,10 +189,10 @@ def warn_clamp_reverted(function: str, layer: nn.Module, name: str, plain: type[
         )
 
 
-ModuleT = TypeVar("ModuleT", bound=nn.Module)
+_ModuleT = TypeVar("_ModuleT", bound=nn.Module)
 
 
-def transfer_batch_norm(source: _BatchNorm, cls: type[ModuleT], **kwargs: Any) -> ModuleT:
+def transfer_batch_norm(source: _BatchNorm, cls: type[_ModuleT], **kwargs: Any) -> _ModuleT:
     """Build ``cls`` from ``source``'s hyper-parameters and hand it the same tensors.
 
     Parameters and buffers are shared, not copied (as torch's convert_sync_batchnorm), so

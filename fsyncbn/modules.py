@@ -111,9 +111,7 @@ class SynchronizedBatchNormBase(_BatchNorm):
             raise ValueError(rank_error(self._dims[3], self._dims[2], input.dim()))
 
     def forward(self, input: Tensor) -> Tensor:
-        # torch.jit does not list is_scripting in __all__. TorchScript reads "# type:" comments
-        # here: the ignore must end the line.
-        if torch.jit.is_scripting():  # type: ignore[attr-defined]
+        if torch.jit.is_scripting():
             self._check_input_dim(input)
             return self._torch_forward(input)
         return self._forward(input)
@@ -184,8 +182,7 @@ class SynchronizedBatchNormBase(_BatchNorm):
         # (not yet written) state.
         if self._staged_state is not None:
             return self._staged_state
-        # Running statistics tracked: none of these buffers is None.
-        buffers = cast(dict[str, Tensor], self._buffers)
+        buffers = cast(dict[str, Tensor], self._buffers)  # statistics tracked: none is None
         return {key: buffers[key] for key in STATE_KEYS}
 
     def _torch_forward(self, input: Tensor) -> Tensor:

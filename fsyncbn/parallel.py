@@ -188,11 +188,11 @@ class _CallbackState(threading.local):
 
 
 # DataParallel's replicate and parallel_apply, as this module wraps them.
-Replicate = Callable[[nn.Module, Sequence[Any]], list[nn.Module]]
-ParallelApply = Callable[[Sequence[Any], Sequence[Any], Any], list[Any]]
+_Replicate = Callable[[nn.Module, Sequence[Any]], list[nn.Module]]
+_ParallelApply = Callable[[Sequence[Any], Sequence[Any], Any], list[Any]]
 
 
-def _replicate_then_wire(replicate: Replicate, state: _CallbackState, timeout: float) -> Replicate:
+def _replicate_then_wire(replicate: _Replicate, state: _CallbackState, timeout: float) -> _Replicate:
     def wrapped(module: nn.Module, device_ids: Sequence[Any]) -> list[nn.Module]:
         replicas = replicate(module, device_ids)
         state.run = execute_replication_callbacks(replicas, timeout)
@@ -201,7 +201,7 @@ def _replicate_then_wire(replicate: Replicate, state: _CallbackState, timeout: f
     return wrapped
 
 
-def _apply_with_reporting(parallel_apply: ParallelApply, state: _CallbackState) -> ParallelApply:
+def _apply_with_reporting(parallel_apply: _ParallelApply, state: _CallbackState) -> _ParallelApply:
     def wrapped(replicas: Sequence[Any], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
         run, state.run = state.run, None
         if run is None or list(replicas) != run.replicas:

@@ -47,13 +47,12 @@ from ..state import STATE_KEYS, State
 DEVICE_TYPES = {"cuda"}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Configurations whose glue failed to compile or launch: the composed path serves them.
-_failed: dict[Configuration, str] = {}
-
-
 # What selects one compiled variant of the glue: device, statistics dtype, has state, uses a
 # momentum, clamp mode.
-Configuration = tuple[str, torch.dtype, bool, bool, bool]
+_Configuration = tuple[str, torch.dtype, bool, bool, bool]
+
+# Configurations whose glue failed to compile or launch: the composed path serves them.
+_failed: dict[_Configuration, str] = {}
 
 
 def _kernels() -> Any:
@@ -82,7 +81,7 @@ def accepts(
 
 def _configuration(
     input: Tensor, state: Mapping[str, Tensor] | None, momentum: float | None, eps_mode: str
-) -> Configuration:
+) -> _Configuration:
     """What selects one compiled variant of the glue on one device."""
     return (
         str(input.device), stats_dtype(input), state is not None,
@@ -117,10 +116,10 @@ def ready(
     return True
 
 
-_compiled: set[Configuration] = set()
+_compiled: set[_Configuration] = set()
 
 
-def _rehearse(device: torch.device, key: Configuration) -> None:
+def _rehearse(device: torch.device, key: _Configuration) -> None:
     """Launch both glue kernels once on scratch tensors with this configuration's dtypes and
     constants (the variants a real step launches), then wait for them."""
     _, dtype, has_state, use_momentum, clamp = key
