@@ -10,7 +10,7 @@ destroyed while its default group lives keeps its entry (O(1) numbers) until the
 from __future__ import annotations
 
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, cast
 
 import torch.distributed as dist
 
@@ -21,11 +21,15 @@ def world_key() -> tuple[str, int] | None:
     """The current default group's name and identity, or None without one."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    world = dist.group.WORLD
+    world = cast(dist.ProcessGroup, dist.group.WORLD)  # initialized: the default group exists
     return (world.group_name, id(world))
 
 
-def key_of(group: Any) -> tuple[tuple[str, int] | None, str, int]:
+# A registry key: the default group's (name, identity), the group's name and identity.
+GroupKey = tuple[tuple[str, int] | None, str, int]
+
+
+def key_of(group: Any) -> GroupKey:
     """The registry key of ``group``: its default group's key, its name and identity."""
     return (world_key(), getattr(group, "group_name", ""), id(group))
 

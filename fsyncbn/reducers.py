@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,10 @@ def all_reduce_sum(t: Tensor, group: dist.ProcessGroup) -> Tensor:
     :mod:`fsyncbn.teardown`); other devices sum in place, with no host synchronisation.
     """
     if torch.compiler.is_compiling():
-        return funcol.wait_tensor(funcol.all_reduce(t, "sum", group))
+        summed: Tensor = funcol.wait_tensor(  # type: ignore[no-untyped-call]  # untyped in torch
+            funcol.all_reduce(t, "sum", group)
+        )
+        return summed
     if t.device.type != "cpu":
         total = t.clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
@@ -49,12 +53,12 @@ class _AllReduceSum(torch.autograd.Function):
     """all_reduce(SUM) whose backward is all_reduce(SUM) of the gradients."""
 
     @staticmethod
-    def forward(ctx, t: Tensor, group: dist.ProcessGroup) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, t: Tensor, group: dist.ProcessGroup) -> Tensor:
         ctx.group = group
         return all_reduce_sum(t, group)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return all_reduce_sum(grad.contiguous(), ctx.group), None
 
 
@@ -78,7 +82,7 @@ def is_peer_failure(exc: BaseException) -> bool:
 
 # Per process group (named, not held: see group_keys), the tag of the next reducer to make its
 # first call (see _tagged_sum).
-_next_tag: dict[tuple, itertools.count] = {}
+_next_tag: dict[group_keys.GroupKey, itertools.count[int]] = {}
 _tag_lock = threading.Lock()
 
 
@@ -141,15 +145,19 @@ class ProcessGroupReducer:
                     "torch.distributed.init_process_group first"
                 )
             )
-        group = self.group if self.group is not None else dist.group.WORLD
+        # Initialized (checked above): the default group exists.
+        group = self.group if self.group is not None else cast(dist.ProcessGroup, dist.group.WORLD)
+        total: Tensor
         if torch.compiler.is_compiling():
-            return _AllReduceSum.apply(t, group)
+            total = _AllReduceSum.apply(t, group)  # type: ignore[no-untyped-call]  # torch's apply
+            return total
         try:
             if t.numel() not in self._checked_sizes:
                 self._check_size(t, group)
             if t.device.type == "cpu" and t.dtype == torch.float64:
                 return self._tagged_sum(t, group)
-            return _AllReduceSum.apply(t, group)
+            total = _AllReduceSum.apply(t, group)  # type: ignore[no-untyped-call]  # torch's apply
+            return total
         except (RuntimeError, dist.DistError) as exc:
             if isinstance(exc, SynchronizationError) or not is_peer_failure(exc):
                 raise
@@ -166,8 +174,11 @@ class ProcessGroupReducer:
         """Sum the tag's agreement header with ``t``; raise if the ranks are at different tags."""
         if self._tag is None:
             self._assign_tag(group)
-        tag = self._tag
-        total = _AllReduceSum.apply(torch.cat([self._tag_header, t]), group)
+        tag = cast(int, self._tag)  # assigned by _assign_tag, with its header
+        header = cast(Tensor, self._tag_header)
+        total: Tensor = _AllReduceSum.apply(  # type: ignore[no-untyped-call]  # torch's apply
+            torch.cat([header, t]), group
+        )
         self._require_agreement(total[:3].tolist(), tag, lambda ranks, average: (
             f"the ranks are out of step: this rank is at the layer it first synchronised as "
             f"number {tag}, the {ranks:g} ranks average {average:g} (a rank skipped a "
@@ -203,7 +214,7 @@ class ProcessGroupReducer:
         if average is not None:
             raise SynchronizationError(self._message(explain(summed[0], average)))
 
-    def __deepcopy__(self, memo: dict) -> ProcessGroupReducer:
+    def __deepcopy__(self, memo: dict[int, Any]) -> ProcessGroupReducer:
         # A process group is a handle to shared communicators: copies of a model share it.
         return ProcessGroupReducer(self.group, name=self.name)
 

@@ -87,8 +87,8 @@ class StepJournal:
             else:
                 output.grad_fn.register_prehook(self._backward_hook(self._step))
 
-    def _backward_hook(self, step: int) -> Callable[[tuple], None]:
-        def backward_began(grad_outputs: tuple) -> None:
+    def _backward_hook(self, step: int) -> Callable[[tuple[Tensor | None, ...]], None]:
+        def backward_began(grad_outputs: tuple[Tensor | None, ...]) -> None:
             with self._lock:
                 if self._step == step:
                     self._backward_began = True
@@ -109,7 +109,7 @@ class StepJournal:
 
 
 # One journal per (process group, thread); groups are named, not held (see group_keys).
-_journals: dict[tuple, threading.local] = {}
+_journals: dict[group_keys.GroupKey, threading.local] = {}
 _journals_lock = threading.Lock()
 
 

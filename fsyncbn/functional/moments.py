@@ -36,7 +36,8 @@ class GlobalMoments(NamedTuple):
     var_unbiased: Tensor  # (C,) for the running variance
     # Values per channel over all participants: a Python number where the header was read
     # on the host (eager CPU), else a 0-dim float64 tensor.
-    count: Tensor | float
+    # Shadows tuple.count, as intended: the field is what callers read.
+    count: Tensor | float  # type: ignore[assignment]
 
 
 def stats_dtype(input: Tensor) -> torch.dtype:
@@ -98,7 +99,8 @@ def check_header(fn: str, total: Tensor, input: Tensor, training: bool) -> Tenso
                 f"{channel_header[0]:g} participants (input shape here "
                 f"{shape_str(input.shape)}); use a larger batch"
             )
-        return count
+        host_count: float = count  # tolist() of float64: a Python float (typed Any)
+        return host_count
     participants, sum_c, sum_c2, count = total[:message.HEADER_SIZE].unbind()
     same_channels = (sum_c == participants * channels) & (
         sum_c2 == participants * channels * channels
