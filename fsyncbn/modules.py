@@ -134,7 +134,8 @@ class SynchronizedBatchNormBase(_BatchNorm):
             self.momentum, self.eps, eps_mode, route.reducer is None, id(self.weight), id(self.bias),
             *(id(t) for t in (state or {}).values()),
         )
-        checked = configuration == self._validated
+        compiling = torch.compiler.is_compiling()  # checked at trace time; a cache would fail a guard
+        checked = not compiling and configuration == self._validated
         if route.journal is not None:
             route.journal.layer_starts(self)
             if state is not None:
@@ -144,7 +145,7 @@ class SynchronizedBatchNormBase(_BatchNorm):
                 input, state, reducer=route.reducer, eps_mode=eps_mode, in_place=route.in_place,
                 checked=checked,
             )
-            if not checked:
+            if not checked and not compiling:
                 self._validated = configuration
         except BaseException as exc:
             if route.journal is not None:

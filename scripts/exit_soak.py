@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.distributed import free_port  # noqa: E402
+from tests._support.distributed import free_port  # noqa: E402
 
 
 def _torchrun(*args: str) -> list[str]:
@@ -42,8 +42,8 @@ def _join_recipe() -> str:
 
 
 SCENARIOS = {
-    "lightning": lambda out: [sys.executable, "-m", "tests.lightning_fit", out, "plugin"],
-    "accelerate": lambda out: _torchrun("-m", "tests.accelerate_fit", out),
+    "lightning": lambda out: [sys.executable, "-m", "tests._scripts.lightning_fit", out, "plugin"],
+    "accelerate": lambda out: _torchrun("-m", "tests._scripts.accelerate_fit", out),
     "join-recipe": lambda out: [sys.executable, _join_recipe()],
     "benchmark-d": lambda out: [sys.executable, "-m", "benchmarks", "--cases", "d", "--quick", "--out", out],
     "ddp-torchrun": lambda out: _torchrun("examples/ddp_torchrun.py", "--timeout", "30", "--stats-dir", out),

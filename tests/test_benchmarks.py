@@ -123,6 +123,6 @@ def _peer_equals_batch_norm_on_the_whole_batch(rank, world_size):
 @pytest.mark.distributed
 def test_the_synchronised_peer_is_batch_norm_over_the_whole_batch():
     """Case d's NaiveSyncBatchNorm2d is a fair peer: it computes batch norm over every rank's batch."""
-    from tests.distributed import spawn
+    from tests._support.distributed import spawn
 
     spawn(2, _peer_equals_batch_norm_on_the_whole_batch)

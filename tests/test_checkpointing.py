@@ -18,10 +18,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fsyncbn import convert_model, routing
-from tests.distributed import spawn
-from tests.reference import informative_grad
-from tests.replicas import replicate, run_replicas
-from tests.threads import raise_first
+from tests._support.distributed import spawn
+from tests._support.reference import informative_grad
+from tests._support.replica_threads import replicate, run_replicas
+from tests._support.threads import raise_first
 
 MODES = [True, False]
 SPLIT = [4, 6]

@@ -15,7 +15,7 @@ from fsyncbn import (
     SynchronizedBatchNorm3d,
     convert_model,
 )
-from tests.models import TinyResNet
+from tests._support.models import TinyResNet
 
 pytestmark = pytest.mark.slow
 
@@ -28,15 +28,19 @@ def _model(dtype=torch.float32, **bn_kwargs):
     )).to(dtype)
 
 
+# Inductor's code generation runs where it differs (default, layout, float64, autocast); the layer
+# options change only the traced graph, which "aot_eager" checks whole (Dynamo with fullgraph=True and
+# AOTAutograd's forward and backward graphs) at a fraction of the compile time.
 CONFIGS = {
-    "default": ({}, torch.float32, torch.contiguous_format, None),
-    "momentum-none": ({"momentum": None}, torch.float32, torch.contiguous_format, None),
-    "no-running-stats": ({"track_running_stats": False}, torch.float32, torch.contiguous_format, None),
-    "not-affine": ({"affine": False}, torch.float32, torch.contiguous_format, None),
-    "channels-last": ({}, torch.float32, torch.channels_last, None),
-    "float64": ({"momentum": None}, torch.float64, torch.contiguous_format, None),
-    "autocast-bfloat16": ({}, torch.float32, torch.contiguous_format, torch.bfloat16),
-    "autocast-float16": ({}, torch.float32, torch.contiguous_format, torch.float16),
+    "default": ({}, torch.float32, torch.contiguous_format, None, "inductor"),
+    "momentum-none": ({"momentum": None}, torch.float32, torch.contiguous_format, None, "aot_eager"),
+    "no-running-stats": ({"track_running_stats": False}, torch.float32, torch.contiguous_format, None,
+                         "aot_eager"),
+    "not-affine": ({"affine": False}, torch.float32, torch.contiguous_format, None, "aot_eager"),
+    "channels-last": ({}, torch.float32, torch.channels_last, None, "inductor"),
+    "float64": ({"momentum": None}, torch.float64, torch.contiguous_format, None, "inductor"),
+    "autocast-bfloat16": ({}, torch.float32, torch.contiguous_format, torch.bfloat16, "inductor"),
+    "autocast-float16": ({}, torch.float32, torch.contiguous_format, torch.float16, "aot_eager"),
 }
 
 
@@ -58,7 +62,7 @@ def _steps(model, inputs, grads, autocast):
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_compiled_equals_eager_without_graph_breaks(config):
-    bn_kwargs, dtype, layout, autocast = CONFIGS[config]
+    bn_kwargs, dtype, layout, autocast, backend = CONFIGS[config]
     eager = _model(dtype, **bn_kwargs)
     compiled_model = copy.deepcopy(eager)
     gen = torch.Generator().manual_seed(1)
@@ -70,7 +74,7 @@ def test_compiled_equals_eager_without_graph_breaks(config):
         probe = copy.deepcopy(eager).train(training)
         with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             assert torch._dynamo.explain(probe)(inputs[0]).graph_break_count == 0
-    compiled = torch.compile(compiled_model, fullgraph=True)
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
     tol = {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
     for (out_e, g_e, b_e), (out_c, g_c, b_c) in zip(
         _steps(eager, inputs, grads, autocast), _steps(compiled, inputs, grads, autocast), strict=True
@@ -81,6 +85,20 @@ def test_compiled_equals_eager_without_graph_breaks(config):
             else:  # reduced precision: compare the error to the tensor's size, not elementwise
                 e = e.float()
                 assert (c.float() - e).norm() <= 2e-2 * e.norm() + 1e-3
+
+
+def test_a_compiled_model_compiles_once():
+    """Training steps reuse the first graph: nothing the layer caches between calls (such as the
+    configuration its argument checks validated) may fail a guard and recompile the model."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(_model(), backend=counter, fullgraph=True)
+    for _ in range(3):
+        out = compiled(torch.randn(6, 3, 8, 8))
+        (out * torch.randn_like(out)).sum().backward()
+    assert counter.frame_count == 1
 
 
 SCRIPTABLE = [
@@ -135,8 +153,8 @@ def test_export_equals_eager(training):
 def test_compiled_replicas_equal_eager_replicas_without_graph_breaks():
     """Compiling inside the replicas: the replica exchange is one opaque op in the graph."""
     from fsyncbn import DataParallelWithCallback
-    from tests.replicas import replicate, run_replicas
-    from tests.threads import raise_first
+    from tests._support.replica_threads import replicate, run_replicas
+    from tests._support.threads import raise_first
 
     splits = [2, 4]
     eager_model = _model(torch.float64)

@@ -16,7 +16,7 @@ from fsyncbn import (
     patch_sync_batchnorm,
     revert_model,
 )
-from tests.models import TinyResNet
+from tests._support.models import TinyResNet
 
 
 def _customised_model():

@@ -120,8 +120,8 @@ def test_header_check_on_cuda_is_an_async_assert():
 def test_replicas_on_cuda_equal_one_model_on_the_whole_batch():
     import copy
 
-    from tests.replicas import replicate, run_replicas
-    from tests.threads import raise_first
+    from tests._support.replica_threads import replicate, run_replicas
+    from tests._support.threads import raise_first
 
     torch.manual_seed(0)
     model = SynchronizedBatchNorm2d(4).cuda()
@@ -185,7 +185,7 @@ def test_one_synchronised_layer_step_launches_at_most_16_kernels():
     from torch.profiler import ProfilerActivity, profile
 
     from fsyncbn.reducers import ProcessGroupReducer
-    from tests.distributed import free_port
+    from tests._support.distributed import free_port
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)

@@ -51,7 +51,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("name", "index", "block"), CASES)
-def test_docs_block_runs(name, index, block, tmp_path):
+def test_docs_block_runs(name, index, block, tmp_path, monkeypatch):
+    """Each block runs in a temporary directory: what it writes (checkpoints, lightning_logs/,
+    exported files) stays out of the repository."""
     if block.startswith("# train.py"):
         pytest.skip("a recipe for a launcher: its dedicated test runs it")
     code = compile(block, f"{name} block {index}", "exec")
@@ -59,11 +61,12 @@ def test_docs_block_runs(name, index, block, tmp_path):
         script = tmp_path / f"{Path(name).stem}_{index}.py"
         script.write_text(block)
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-        done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                              timeout=180)
+        done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=180)
         assert done.returncode == 0 and "terminate called" not in done.stderr, (
             f"exit {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
         return
+    monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's chatter
         try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed import free_port
+from tests._support.distributed import free_port
 
 pytestmark = pytest.mark.slow
 

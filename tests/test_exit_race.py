@@ -2,7 +2,7 @@
 
 The race: gloo's worker thread drops its references to a finished collective a moment after
 ``wait()`` returns; if that happens during interpreter finalization and needs the GIL, the
-process aborts. tests/exit_race.py holds the worker 0.3 s after each of fsyncbn's sums (as a
+process aborts. tests/_scripts/exit_race.py holds the worker 0.3 s after each of fsyncbn's sums (as a
 preempted worker under load does), then ends normally. Before fsyncbn's exit drain every run
 aborted; now every rank must exit 0 without "terminate called".
 """
@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fsyncbn
 from fsyncbn import teardown
-from tests.distributed import launch_ranks, spawn, unclean_exits
+from tests._support.distributed import launch_ranks, spawn, unclean_exits
 
 pytestmark = pytest.mark.distributed
 
@@ -34,7 +34,7 @@ def test_a_held_up_gloo_worker_does_not_abort_the_exit(variant):
     failures = []
     for run in range(RUNS):
         failures += [f"run {run}: {f}" for f in unclean_exits(
-            launch_ranks(["tests.exit_race", variant], timeout_s=90))]
+            launch_ranks(["tests._scripts.exit_race", variant], timeout_s=90))]
     assert not failures, "\n".join(failures)
 
 
@@ -85,7 +85,7 @@ def _parent_destroyed(rank: int, world_size: int, port: int) -> None:
 
 @pytest.mark.slow
 def test_a_new_join_under_a_new_default_group_drops_the_old_private_groups():
-    from tests.distributed import free_port
+    from tests._support.distributed import free_port
 
     spawn(2, _parent_destroyed, free_port())
 

@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from fsyncbn import SynchronizedBatchNorm1d, SynchronizedBatchNorm2d, roll_back_step
-from tests.distributed import launch_with_faults
-from tests.faultlog import record_fault
-from tests.replicas import replicate, run_replicas
-from tests.threads import raise_first, run_threads
+from tests._support.distributed import launch_with_faults
+from tests._support.faultlog import record_fault
+from tests._support.replica_threads import replicate, run_replicas
+from tests._support.threads import raise_first, run_threads
 
 pytestmark = pytest.mark.faults
 

@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 
 import fsyncbn
-from tests.distributed import spawn
-from tests.models import TinyResNet
-from tests.reference import informative_grad
+from tests._support.distributed import spawn
+from tests._support.models import TinyResNet
+from tests._support.reference import informative_grad
 from tests.test_join import groups_and_join
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

@@ -16,10 +16,10 @@ import fsyncbn
 from fsyncbn import ConversionWarning, InPlaceABN, convert_model, revert_model
 from fsyncbn.functional import batch_norm_act, init_state
 from fsyncbn.integrations.timm import SynchronizedBatchNormAct2d, register_norm_act
-from tests.distributed import spawn
-from tests.reference import float64_training_batch_norm, informative_grad, nearly_constant_channel
-from tests.replicas import replicate, run_replicas
-from tests.threads import ThreadGroup, raise_first, run_threads
+from tests._support.distributed import spawn
+from tests._support.reference import float64_training_batch_norm, informative_grad, nearly_constant_channel
+from tests._support.replica_threads import replicate, run_replicas
+from tests._support.threads import ThreadGroup, raise_first, run_threads
 
 ACTIVATIONS = [("leaky_relu", 0.01), ("leaky_relu", 0.3), ("elu", 1.0), ("elu", 0.5), ("identity", 0.0)]
 ACT_IDS = [f"{a}-{p}" for a, p in ACTIVATIONS]
@@ -231,7 +231,7 @@ def _union_reference(x, g, activation, param, eps_mode="plus"):
     xr = x.clone().requires_grad_()
     ref = act(float64_training_batch_norm(xr, w, b, eps=1e-5, eps_mode=eps_mode), activation, param)
     grads = torch.autograd.grad((ref * g).sum(), (xr, w, b))
-    from tests.reference import float64_moments
+    from tests._support.reference import float64_moments
 
     mean, _, var_unbiased = float64_moments(x)
     state = {"running_mean": 0.1 * mean, "running_var": 0.9 + 0.1 * var_unbiased}

@@ -1,6 +1,6 @@
 """Accelerate: the docs' recipe (convert_model before ``accelerator.prepare``) under torchrun with
 2 CPU processes; both ranks end with the weights and running statistics of a single process
-trained on the union of their batches (tests/fit_reference.py)."""
+trained on the union of their batches (tests/_support/fit_reference.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import fit_reference
-from tests.distributed import free_port
+from tests._support import fit_reference
+from tests._support.distributed import free_port
 
 pytest.importorskip("accelerate")
 
@@ -29,7 +29,7 @@ def test_accelerate_under_torchrun_equals_the_union_reference(tmp_path):
     }
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-        "--master-port", str(free_port()), "-m", "tests.accelerate_fit", str(tmp_path),
+        "--master-port", str(free_port()), "-m", "tests._scripts.accelerate_fit", str(tmp_path),
     ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0 and "terminate called" not in done.stderr, done.stderr[-3000:]

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from torch import nn
 
 from fsyncbn import convert_model
-from tests.distributed import spawn
-from tests.reference import informative_grad
+from tests._support.distributed import spawn
+from tests._support.reference import informative_grad
 
 pytestmark = [pytest.mark.distributed]
 

@@ -2,7 +2,7 @@
 
 Convert, train a few steps as 2 synchronized DataParallel-style replicas (CPU threads, float64),
 revert, and compare with the unsynchronized model trained on the whole batch
-(tests/sync_check.py). torchvision and timm need a torch build that matches their wheels: on
+(tests/_support/sync_check.py). torchvision and timm need a torch build that matches their wheels: on
 a CPU-only torch they do not import, and these tests skip; wherever they import (a CUDA build
 of torch), they run, on the CPU.
 """
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fsyncbn import ConversionWarning, convert_model
-from tests.sync_check import replicas_train_like_one_model
+from tests._support.sync_check import replicas_train_like_one_model
 
 
 def _import_or_skip(name: str):  # type: ignore[no-untyped-def]

@@ -24,8 +24,8 @@ from fsyncbn import (
     revert_model,
 )
 from fsyncbn.integrations.timm import SyncBatchNormAct, SynchronizedBatchNormAct2d, register_norm_act
-from tests.reference import informative_grad
-from tests.sync_check import replicas_train_like_one_model
+from tests._support.reference import informative_grad
+from tests._support.sync_check import replicas_train_like_one_model
 
 
 class MimicBatchNormAct2d(nn.BatchNorm2d):

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fsyncbn
-from tests.distributed import free_port, spawn
+from tests._support.distributed import free_port, spawn
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

@@ -19,9 +19,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fsyncbn import convert_model
 from fsyncbn.step_journal import journal_for
-from tests.distributed import spawn
-from tests.replicas import replicate, run_replicas
-from tests.threads import raise_first
+from tests._support.distributed import spawn
+from tests._support.replica_threads import replicate, run_replicas
+from tests._support.threads import raise_first
 
 
 def _model() -> nn.Module:

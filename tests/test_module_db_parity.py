@@ -15,6 +15,8 @@ OURS = {
     nn.BatchNorm3d: SynchronizedBatchNorm3d,
 }
 INFOS = [info for info in module_db if info.module_cls in OURS]
+# An empty table would make every test below pass with zero cases.
+assert {info.module_cls for info in INFOS} == OURS.keys(), "module_db lost its BatchNorm1d/2d/3d entries"
 
 
 def _cases(kind: str):
@@ -49,7 +51,17 @@ def _forward_backward(module, args, kwargs):
     return out.detach(), grads
 
 
-@pytest.mark.parametrize(("info", "entry", "dtype", "training"), list(_cases("inputs")))
+INPUT_CASES = list(_cases("inputs"))
+ERROR_CASES = list(_cases("errors"))
+
+
+def test_the_case_lists_cover_every_class():
+    """Both tables hold cases for each of BatchNorm1d/2d/3d (an empty list would pass vacuously)."""
+    for cases in (INPUT_CASES, ERROR_CASES):
+        assert {case.values[0].module_cls for case in cases} == OURS.keys()
+
+
+@pytest.mark.parametrize(("info", "entry", "dtype", "training"), INPUT_CASES)
 def test_same_as_torch(info, entry, dtype, training):
     c_args, c_kwargs = entry.constructor_input.args, entry.constructor_input.kwargs
     torch_bn = info.module_cls(*c_args, **c_kwargs, dtype=dtype)
@@ -82,9 +94,14 @@ def test_same_as_torch(info, entry, dtype, training):
             torch.testing.assert_close(sd[key], sd_ref[key], **tol)
 
 
-@pytest.mark.parametrize(("info", "entry", "dtype", "training"), list(_cases("errors")))
+@pytest.mark.parametrize(("info", "entry", "dtype", "training"), ERROR_CASES)
 def test_same_errors_as_torch(info, entry, dtype, training):
-    """The same error type; a ValueError at construction counts (eps < 0 is rejected there)."""
+    """The same error type as torch; a ValueError at construction counts (eps < 0 is rejected there).
+
+    Where torch raises nothing (eps = 0 in eval mode: the table's error comes from training's
+    check only), ours must raise nothing either and give torch's output: no case passes on two
+    silences alone.
+    """
     inp = entry.module_error_input
     c_args, c_kwargs = inp.constructor_input.args, inp.constructor_input.kwargs
     f_args = inp.forward_input.args
@@ -93,14 +110,18 @@ def test_same_errors_as_torch(info, entry, dtype, training):
         try:
             module = cls(*c_args, **c_kwargs, dtype=dtype)
         except Exception as exc:  # noqa: BLE001
-            return type(exc), "construction"
+            return type(exc), None
         module.train(training)
         try:
-            module(*f_args)
+            return None, module(*f_args).detach()
         except Exception as exc:  # noqa: BLE001
-            return type(exc), "forward"
-        return None, None
+            return type(exc), None
 
-    torch_error, _ = outcome(info.module_cls)
-    our_error, _ = outcome(OURS[info.module_cls])
+    torch_error, torch_out = outcome(info.module_cls)
+    our_error, our_out = outcome(OURS[info.module_cls])
     assert our_error == torch_error
+    if torch_error is not None:
+        assert issubclass(torch_error, entry.error_type), (torch_error, entry.error_type)
+    else:
+        assert not training and c_kwargs["eps"] == 0.0, "torch raised nothing where its table says it raises"
+        torch.testing.assert_close(our_out, torch_out)

@@ -21,7 +21,7 @@ from fsyncbn import (
     routing,
     set_sbn_eps_mode,
 )
-from tests.reference import float64_moments
+from tests._support.reference import float64_moments
 
 PAIRS = [
     (nn.BatchNorm1d, SynchronizedBatchNorm1d, (6, 4, 5)),

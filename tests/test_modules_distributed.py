@@ -8,9 +8,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fsyncbn import SynchronizedBatchNorm1d, convert_model
-from tests.distributed import spawn
-from tests.models import TinyResNet
-from tests.reference import informative_grad
+from tests._support.distributed import spawn
+from tests._support.models import TinyResNet
+from tests._support.reference import informative_grad
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -85,7 +85,9 @@ def _ddp_compiled(rank, world_size):
     assert torch._dynamo.explain(copy.deepcopy(base))(batches[0][:2]).graph_break_count == 0
     compiled = train(DDP(compiled_inner), inner)
     outer_model = copy.deepcopy(base)
-    outer = train(torch.compile(DDP(outer_model)), outer_model)  # not fullgraph: DDP's logger breaks
+    # Not fullgraph: DDP's logger breaks. DDP's graph splitting at bucket boundaries is what this
+    # checks; Inductor's code for this model is checked just above.
+    outer = train(torch.compile(DDP(outer_model), backend="aot_eager"), outer_model)
     for result in (compiled, outer):
         for got, want in zip(result[0] + result[1] + result[2], eager[0] + eager[1] + eager[2], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

@@ -17,11 +17,11 @@ from fsyncbn import (
     convert_model,
     patch_replication_callback,
 )
-from tests.faultlog import record_fault
-from tests.models import SharedBN, TinyResNet
-from tests.reference import float64_training_batch_norm, informative_grad, nearly_constant_channel
-from tests.replicas import replicate, run_replicas
-from tests.threads import raise_first
+from tests._support.faultlog import record_fault
+from tests._support.models import SharedBN, TinyResNet
+from tests._support.reference import float64_training_batch_norm, informative_grad, nearly_constant_channel
+from tests._support.replica_threads import replicate, run_replicas
+from tests._support.threads import raise_first
 
 
 def _model_and_batch(splits):
@@ -223,7 +223,7 @@ def test_a_failed_step_leaves_every_buffer_as_it_was_and_the_next_step_is_right(
 
 def test_replicas_sending_different_shapes_all_raise():
     from fsyncbn.replicas import ReplicaGroup
-    from tests.threads import run_threads
+    from tests._support.threads import run_threads
 
     group = ReplicaGroup(3, "layer 'x'", timeout=5.0)
     results = run_threads(3, lambda r: group.reducer(r)(torch.ones(10 if r != 1 else 12)))
@@ -263,7 +263,7 @@ def test_module_is_detached_after_the_replicated_forward():
 
 def test_replica_sum_of_float16_happens_in_float32():
     from fsyncbn.replicas import ReplicaGroup
-    from tests.threads import run_threads
+    from tests._support.threads import run_threads
 
     group = ReplicaGroup(2, "test layer", timeout=5.0)
     big = torch.full((3,), 60000.0, dtype=torch.float16)

@@ -23,9 +23,11 @@ def test_readme_has_python_blocks():
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs(index):
+def test_readme_block_runs(index, tmp_path, monkeypatch):
+    """Each block runs in a temporary directory: what it writes stays out of the repository."""
     import torch
 
+    monkeypatch.chdir(tmp_path)
     torch._dynamo.reset()  # each block runs as a fresh program, not after the suite's compiles
     try:
         exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {"__name__": "readme"})

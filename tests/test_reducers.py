@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fsyncbn.reducers import LocalReducer, ProcessGroupReducer
-from tests.threads import ThreadGroup, raise_first, run_threads
+from tests._support.threads import ThreadGroup, raise_first, run_threads
 
 
 def test_local_reducer_is_identity_and_differentiable():
@@ -76,6 +76,6 @@ def _errors_of_the_backend(rank, world_size):
 def test_only_failed_peers_become_synchronization_errors():
     """Backend errors that mean a dead, hung or out-of-step peer become SynchronizationError;
     any other backend error passes through as it is."""
-    from tests.distributed import spawn
+    from tests._support.distributed import spawn
 
     spawn(1, _errors_of_the_backend)

@@ -190,6 +190,6 @@ def _assert_buffers_equal(actual, expected) -> None:
 
 
 def test_a_failure_in_one_thread_keeps_another_threads_step():
-    from tests.distributed import spawn
+    from tests._support.distributed import spawn
 
     spawn(2, _two_models_in_two_threads)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fsyncbn.functional import batch_norm, init_state
-from tests.reference import float64_moments, informative_grad, input_grads, torch_batch_norm
+from tests._support.reference import float64_moments, informative_grad, input_grads, torch_batch_norm
 
 SHAPES = [(6, 3), (5, 4, 7), (4, 3, 5, 6), (3, 2, 4, 3, 5)]
 

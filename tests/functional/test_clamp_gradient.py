@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fsyncbn.functional import LocalReducer, batch_norm, init_state, sync_batch_norm
-from tests.reference import float64_training_batch_norm, informative_grad, nearly_constant_channel
-from tests.threads import ThreadGroup, raise_first, run_threads
+from tests._support.reference import float64_training_batch_norm, informative_grad, nearly_constant_channel
+from tests._support.threads import ThreadGroup, raise_first, run_threads
 
 EPS = 1e-5
 SHAPE = (6, 3, 4)

@@ -7,7 +7,7 @@ import torch
 
 from fsyncbn.functional import batch_norm, init_state, sync_batch_norm
 from fsyncbn.reducers import LocalReducer
-from tests.reference import informative_grad
+from tests._support.reference import informative_grad
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from fsyncbn.functional import LocalReducer, init_state, sync_batch_norm
 from fsyncbn.functional.ops import choose_path, run_batch_norm
 from tests._support.cuda_reference import LaunchCounter, cuda_kernels_on_cpu
-from tests.threads import ThreadGroup, raise_first, run_threads
+from tests._support.threads import ThreadGroup, raise_first, run_threads
 
 triton = pytest.importorskip("triton")
 

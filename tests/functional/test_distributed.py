@@ -8,8 +8,8 @@ import torch.distributed as dist
 
 from fsyncbn.functional import init_state, sync_batch_norm
 from fsyncbn.reducers import ProcessGroupReducer
-from tests.distributed import spawn
-from tests.reference import (
+from tests._support.distributed import spawn
+from tests._support.reference import (
     float64_training_batch_norm,
     informative_grad,
     nearly_constant_channel,

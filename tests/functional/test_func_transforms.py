@@ -8,7 +8,7 @@ from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
 
 from fsyncbn.functional import batch_norm, init_state, sync_batch_norm
 from fsyncbn.reducers import LocalReducer
-from tests.reference import informative_grad, torch_batch_norm
+from tests._support.reference import informative_grad, torch_batch_norm
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fsyncbn.functional import SynchronizationError, batch_norm, init_state, sync_batch_norm
-from tests.reference import float64_moments, informative_grad, torch_batch_norm
-from tests.threads import ThreadGroup, raise_first, run_threads
+from tests._support.reference import float64_moments, informative_grad, torch_batch_norm
+from tests._support.threads import ThreadGroup, raise_first, run_threads
 
 
 def _sharded(x, state, w, b, g, splits, *, group=None, **kwargs):

@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from fsyncbn import execute_replication_callbacks
-from tests.threads import run_threads
+from tests._support.threads import run_threads
 
 
 def replicate(module: nn.Module, count: int) -> list[nn.Module]:

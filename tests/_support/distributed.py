@@ -140,7 +140,7 @@ def launch_ranks(module_args: list[str], world_size: int = 2, *, timeout_s: floa
     import time
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     base = {
         **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
         "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1",

@@ -1,7 +1,7 @@
 """An Accelerate training loop on 2 CPU processes with synchronized batch norm (the docs' recipe).
 
-Run as ``torchrun --nproc-per-node 2 -m tests.accelerate_fit OUT_DIR``. Each rank saves its
-final state_dict to OUT_DIR; tests/fit_reference.py has the single-process reference.
+Run as ``torchrun --nproc-per-node 2 -m tests._scripts.accelerate_fit OUT_DIR``. Each rank saves its
+final state_dict to OUT_DIR; tests/_support/fit_reference.py has the single-process reference.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from tests.fit_reference import BATCH, data, new_net
+from tests._support.fit_reference import BATCH, data, new_net
 
 
 def fit(out_dir: str) -> None:

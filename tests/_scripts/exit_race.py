@@ -1,6 +1,6 @@
 """One rank of the exit race (issue 19): gloo's worker thread held up after fsyncbn's last sum.
 
-Run as ``python -m tests.exit_race VARIANT`` with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
+Run as ``python -m tests._scripts.exit_race VARIANT`` with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT
 set (as torchrun sets them), VARIANT one of ``forward``, ``backward``, ``join``. Every
 ``dist.all_reduce`` that fsyncbn calls is made asynchronous, with a future callback that sleeps
 0.3 s, then waited for: gloo's worker then keeps its references to the sum's tensors (and the

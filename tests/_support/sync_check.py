@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from fsyncbn import convert_model, revert_model
-from tests.reference import informative_grad
-from tests.replicas import replicate, run_replicas
-from tests.threads import raise_first
+from tests._support.reference import informative_grad
+from tests._support.replica_threads import replicate, run_replicas
+from tests._support.threads import raise_first
 
 
 def _sgd(model: nn.Module, lr: float) -> None:

@@ -1,9 +1,9 @@
 """A Lightning fit on 2 CPU processes (strategy "ddp", gloo) with fsyncbn's SyncBatchNormPlugin.
 
-Run as ``python -m tests.lightning_fit OUT_DIR [reference|convert]``; Lightning starts the
+Run as ``python -m tests._scripts.lightning_fit OUT_DIR [reference|convert]``; Lightning starts the
 second process itself. Each rank saves its final state_dict and its batch-norm classes to OUT_DIR.
 With ``reference``, one process trains the same model on the union of the two ranks'
-batches instead (see tests/fit_reference.py). Kept tiny: a few steps, no logger, checkpoint or
+batches instead (see tests/_support/fit_reference.py). Kept tiny: a few steps, no logger, checkpoint or
 progress bar.
 """
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
-from tests.fit_reference import BATCH, STEPS, data, new_net, reference
+from tests._support.fit_reference import BATCH, STEPS, data, new_net, reference
 
 
 def fit(out_dir: str, how: str = "plugin"):  # type: ignore[no-untyped-def]

@@ -1,0 +1,1 @@
+"""Entry points that tests run in subprocesses (``python -m tests._scripts.NAME``); nothing here is a test."""
