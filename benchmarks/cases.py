@@ -15,6 +15,7 @@ from torch import nn
 from benchmarks.timing import compare
 from fsyncbn import SynchronizedBatchNorm1d, SynchronizedBatchNorm2d, convert_model
 from fsyncbn.functional import sync_batch_norm
+from fsyncbn.functional.ops import run_batch_norm
 
 SHAPES = {
     "2d (32, 64, 28, 28)": ((32, 64, 28, 28), torch.contiguous_format),
@@ -25,7 +26,8 @@ SHAPES = {
 
 
 class ForcedSync(nn.Module):
-    """A batch-norm layer forced through sync_batch_norm with one participant (identity)."""
+    """A batch-norm layer forced through the synchronised path with one participant (an identity
+    reducer), its buffers written in place as a synchronized layer does under DDP."""
 
     def __init__(self, bn: nn.Module) -> None:
         super().__init__()
@@ -35,10 +37,9 @@ class ForcedSync(nn.Module):
         bn = self.bn
         state = {"running_mean": bn.running_mean, "running_var": bn.running_var,
                  "num_batches_tracked": bn.num_batches_tracked}
-        y, new_state = sync_batch_norm(x, state, bn.weight, bn.bias, reducer=_identity)
-        with torch.no_grad():
-            for key, value in new_state.items():
-                getattr(bn, key).copy_(value)
+        y, _ = run_batch_norm("sync_batch_norm", x, state, bn.weight, bn.bias, training=True,
+                              momentum=bn.momentum, eps=bn.eps, reducer=_identity, eps_mode="plus",
+                              in_place=True)
         return y
 
 

@@ -19,7 +19,7 @@ import functools
 import inspect
 import warnings
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch.distributed as dist
 from torch import nn
@@ -112,7 +112,7 @@ def register_conversion(
                 f"register_conversion: {sync_cls.__name__} has no from_batchnorm(layer, process_group); "
                 "subclass an fsyncbn layer or pass to_sync="
             )
-        to_sync = sync_cls.from_batchnorm  # type: ignore[attr-defined]
+        to_sync = sync_cls.from_batchnorm
     if to_plain is None:
         to_plain = functools.partial(transfer_batch_norm, cls=plain_cls)
     conversion = Conversion(plain_cls, sync_cls, to_sync, to_plain)
@@ -189,7 +189,10 @@ def warn_clamp_reverted(function: str, layer: nn.Module, name: str, plain: type[
         )
 
 
-def transfer_batch_norm(source: _BatchNorm, cls: type[nn.Module], **kwargs: Any) -> nn.Module:
+_ModuleT = TypeVar("_ModuleT", bound=nn.Module)
+
+
+def transfer_batch_norm(source: _BatchNorm, cls: type[_ModuleT], **kwargs: Any) -> _ModuleT:
     """Build ``cls`` from ``source``'s hyper-parameters and hand it the same tensors.
 
     Parameters and buffers are shared, not copied (as torch's convert_sync_batchnorm), so

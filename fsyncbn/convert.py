@@ -11,7 +11,7 @@ import contextlib
 import sys
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch.distributed as dist
 from torch import nn
@@ -61,7 +61,9 @@ def _require_module(function: str, module: object) -> None:
         )
 
 
-def _rewrap_data_parallel(dp: nn.DataParallel, inner: nn.Module, cls: type[nn.Module]) -> Any:
+def _rewrap_data_parallel(
+    dp: nn.DataParallel[nn.Module], inner: nn.Module, cls: type[nn.Module]
+) -> nn.Module:
     """A ``cls`` DataParallel around ``inner`` with ``dp``'s device_ids, output_device, dim.
 
     On a machine without GPUs nn.DataParallel keeps no device_ids, output_device or dim.
@@ -355,8 +357,9 @@ def _fold(
                   "overwritten tensors)")
     else:
         activation, param = spec
-        folded = transfer_batch_norm(
-            child, InPlaceABN, process_group=process_group, activation=activation, activation_param=param,
+        folded = transfer_batch_norm(  # child: a foldable norm, a batch norm
+            cast(_BatchNorm, child), InPlaceABN, process_group=process_group, activation=activation,
+            activation_param=param,
         )
         if drop is not None:
             folded._fold_origin = FoldOrigin(type(child), act, drop, None)
@@ -370,7 +373,7 @@ def _fold(
 
 def _unfold(layer: InPlaceABN) -> nn.Module:
     """The batch norm (a norm-act layer: with its activation and dropout) a fold came from."""
-    origin: FoldOrigin = layer._fold_origin  # type: ignore[assignment]
+    origin = cast(FoldOrigin, layer._fold_origin)  # called for a folded layer only
     conversion = conversion_from_plain(origin.norm_cls)
     if origin.drop is None or conversion is None:
         return transfer_batch_norm(layer, origin.norm_cls)
@@ -395,9 +398,10 @@ def patch_sync_batchnorm() -> Iterator[None]:
         ('SynchronizedBatchNorm2d', 'BatchNorm2d')
     """
     originals = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    nn.BatchNorm1d = SynchronizedBatchNorm1d  # type: ignore[misc]
-    nn.BatchNorm2d = SynchronizedBatchNorm2d  # type: ignore[misc]
-    nn.BatchNorm3d = SynchronizedBatchNorm3d  # type: ignore[misc]
+    # The patch this function exists for: mypy forbids rebinding a class.
+    nn.BatchNorm1d = SynchronizedBatchNorm1d  # type: ignore[misc,assignment]
+    nn.BatchNorm2d = SynchronizedBatchNorm2d  # type: ignore[misc,assignment]
+    nn.BatchNorm3d = SynchronizedBatchNorm3d  # type: ignore[misc,assignment]
     try:
         yield
     finally:

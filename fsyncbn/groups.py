@@ -75,7 +75,7 @@ def sync_groups(
     else:
         rank_lists = _consecutive_blocks(group_size, world_size)  # type: ignore[arg-type]
     rank = dist.get_rank()
-    mine = None
+    mine: dist.ProcessGroup | None = None
     for ranks in rank_lists:
         # Every rank creates every group, in the same order: torch.distributed requires it.
         group = dist.new_group(ranks, timeout=timeout, backend=backend)

@@ -83,7 +83,8 @@ class InPlaceABN(SynchronizedBatchNormBase):
         self.activation_param = float(activation_param)
         self.in_place = in_place
         # Set by convert_model(fuse_activations=True): what revert_model restores.
-        self._fold_origin: Optional[tuple] = None  # noqa: UP045
+        # A fsyncbn.convert.FoldOrigin (not imported: convert imports this module).
+        self._fold_origin: Optional[Any] = None  # noqa: UP045
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() < 2:

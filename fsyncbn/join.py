@@ -42,11 +42,12 @@ at the one moment that is right: when this rank leaves its loop, before torch's 
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -55,7 +56,7 @@ from torch.distributed.algorithms.join import Join as TorchJoin
 from torch.distributed.algorithms.join import Joinable
 
 from . import routing, teardown
-from .functional.agreement import SynchronizationError, agreement_header
+from .functional.agreement import SynchronizationError, agreement_header, disagreement
 from .layer_errors import name_layers
 from .modules import SynchronizedBatchNormBase
 from .reducers import is_peer_failure
@@ -97,7 +98,8 @@ class _PrivateGroup:
         return group
 
     def __call__(self, t: Tensor) -> Tensor:
-        return _AnnouncedSum.apply(t, self)
+        total: Tensor = _AnnouncedSum.apply(t, self)  # type: ignore[no-untyped-call]  # torch's apply
+        return total
 
     def announced_sum(self, t: Tensor) -> Tensor:
         """The active side: the sum of ``t`` over the group, ``t``'s size and dtype checked."""
@@ -124,9 +126,8 @@ class _PrivateGroup:
                 f"timeout, or left without fsyncbn.Join ({type(exc).__name__}: {exc})"
             ) from exc
         active, total, total_square, codes, codes_square = message[:_HEADER_SIZE].tolist()
-        if (total, total_square, codes, codes_square) != (
-            active * size, active * size * size, active * code, active * code * code
-        ):
+        average = disagreement((active, total, total_square), size)
+        if average is not None or disagreement((active, codes, codes_square), code) is not None:
             raise SynchronizationError(
                 f"fsyncbn.Join: the active ranks are out of step: this rank sums {size} numbers "
                 f"of {t.dtype}, the {active:g} active ranks average {total / active:g} numbers "
@@ -156,12 +157,12 @@ class _AnnouncedSum(torch.autograd.Function):
     """Announced all_reduce(SUM) whose backward is the announced all_reduce(SUM) of the gradient."""
 
     @staticmethod
-    def forward(ctx, t: Tensor, private: _PrivateGroup) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, t: Tensor, private: _PrivateGroup) -> Tensor:
         ctx.private = private
         return private.announced_sum(t)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return ctx.private.announced_sum(grad), None
 
 
@@ -225,7 +226,7 @@ class Join(TorchJoin):
             self._privates = _private_groups(_synchronized_layers(joinables))
 
     def __enter__(self) -> None:
-        super().__enter__()
+        super().__enter__()  # type: ignore[no-untyped-call]  # untyped in torch
         routing.announce(self._privates)
 
     def __exit__(
@@ -250,7 +251,7 @@ class Join(TorchJoin):
         distinct = {p.ranks: p for p in self._privates.values()}
         for private in distinct.values():
             self._shadows.append(teardown.start_thread(
-                lambda stop, private=private: self._run_shadow(private, stop), "fsyncbn-join-shadow"
+                functools.partial(self._run_shadow, private), "fsyncbn-join-shadow"
             ))
 
     def _run_shadow(self, private: _PrivateGroup, stop: threading.Event) -> None:
@@ -277,8 +278,8 @@ class Join(TorchJoin):
             )
 
 
-def _synchronized_layers(joinables: Iterable[Any]) -> list[nn.Module]:
-    layers: dict[int, nn.Module] = {}
+def _synchronized_layers(joinables: Iterable[Any]) -> list[SynchronizedBatchNormBase]:
+    layers: dict[int, SynchronizedBatchNormBase] = {}
     for item in joinables:
         if isinstance(item, nn.Module):
             name_layers(item)
@@ -288,10 +289,10 @@ def _synchronized_layers(joinables: Iterable[Any]) -> list[nn.Module]:
     return list(layers.values())
 
 
-def _private_groups(layers: list[nn.Module]) -> dict[nn.Module, _PrivateGroup]:
+def _private_groups(layers: list[SynchronizedBatchNormBase]) -> dict[nn.Module, _PrivateGroup]:
     """A private copy of every layer group, made collectively: the ranks exchange their layers'
     rank lists and all create every group in one sorted order."""
-    world = dist.group.WORLD
+    world = cast(dist.ProcessGroup, dist.group.WORLD)  # Join needs torch.distributed initialized
     mine = {}
     widest: dict[tuple[int, ...], int] = {}  # the most channels of a layer, per group
     for layer in layers:
@@ -312,7 +313,7 @@ def _private_groups(layers: list[nn.Module]) -> dict[nn.Module, _PrivateGroup]:
         if ranks not in cache:  # the same on every rank: they saw the same lists before
             cache[ranks] = dist.new_group(list(ranks), timeout=timeout)
     privates: dict[tuple[int, ...], _PrivateGroup] = {}
-    result = {}
+    result: dict[nn.Module, _PrivateGroup] = {}
     for layer, ranks in mine.items():
         if ranks not in privates:
             # The forward message, 2C + 4 numbers, is the largest (backward: 2C).

@@ -10,7 +10,7 @@ In eval mode the running statistics are used and nothing is synchronised or writ
 
 # No `from __future__ import annotations`: TorchScript reads these annotations at runtime.
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -73,7 +73,7 @@ class SynchronizedBatchNormBase(_BatchNorm):
         self._process_group_reducer = routing.process_group_reducer(name, process_group)
         self._replica: tuple[ReplicaGroup, int] | None = None
         self._staged_state: State | None = None
-        self._validated: tuple | None = None  # the configuration the last forward checked
+        self._validated: tuple[object, ...] | None = None  # the configuration the last forward checked
 
     @property
     def process_group(self) -> dist.ProcessGroup | None:
@@ -183,7 +183,7 @@ class SynchronizedBatchNormBase(_BatchNorm):
         # (not yet written) state.
         if self._staged_state is not None:
             return self._staged_state
-        buffers = self._buffers
+        buffers = cast(dict[str, Tensor], self._buffers)  # statistics tracked: none is None
         return {key: buffers[key] for key in STATE_KEYS}
 
     def _torch_forward(self, input: Tensor) -> Tensor:
@@ -194,7 +194,7 @@ class SynchronizedBatchNormBase(_BatchNorm):
         )
 
     def extra_repr(self) -> str:
-        text = super().extra_repr()
+        text: str = super().extra_repr()  # type: ignore[no-untyped-call]  # untyped in torch
         if self.eps_mode is not None:
             text += f", eps_mode={self.eps_mode!r}"
         return text
@@ -295,6 +295,6 @@ conversions.register_conversion(nn.BatchNorm3d, SynchronizedBatchNorm3d)
 conversions.register_conversion(
     nn.SyncBatchNorm, SyncBatchNorm,
     to_plain=lambda layer: conversions.transfer_batch_norm(
-        layer, nn.SyncBatchNorm, process_group=layer.process_group),
+        cast(SyncBatchNorm, layer), nn.SyncBatchNorm, process_group=layer.process_group),
 )
 conversions.register_any_rank(SyncBatchNorm)

@@ -187,7 +187,12 @@ class _CallbackState(threading.local):
     run: ReplicaRun | None = None
 
 
-def _replicate_then_wire(replicate: Callable, state: _CallbackState, timeout: float):
+# DataParallel's replicate and parallel_apply, as this module wraps them.
+_Replicate = Callable[[nn.Module, Sequence[Any]], list[nn.Module]]
+_ParallelApply = Callable[[Sequence[Any], Sequence[Any], Any], list[Any]]
+
+
+def _replicate_then_wire(replicate: _Replicate, state: _CallbackState, timeout: float) -> _Replicate:
     def wrapped(module: nn.Module, device_ids: Sequence[Any]) -> list[nn.Module]:
         replicas = replicate(module, device_ids)
         state.run = execute_replication_callbacks(replicas, timeout)
@@ -196,7 +201,7 @@ def _replicate_then_wire(replicate: Callable, state: _CallbackState, timeout: fl
     return wrapped
 
 
-def _apply_with_reporting(parallel_apply: Callable, state: _CallbackState):
+def _apply_with_reporting(parallel_apply: _ParallelApply, state: _CallbackState) -> _ParallelApply:
     def wrapped(replicas: Sequence[Any], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
         run, state.run = state.run, None
         if run is None or list(replicas) != run.replicas:
@@ -206,7 +211,7 @@ def _apply_with_reporting(parallel_apply: Callable, state: _CallbackState):
     return wrapped
 
 
-class DataParallelWithCallback(nn.DataParallel):
+class DataParallelWithCallback(nn.DataParallel[nn.Module]):
     """nn.DataParallel whose replicas synchronise their batch-norm statistics.
 
     Same arguments as nn.DataParallel, plus ``sync_timeout``: seconds a replica waits for
@@ -243,15 +248,15 @@ class DataParallelWithCallback(nn.DataParallel):
             module, device_ids
         )
 
-    def parallel_apply(self, replicas: Sequence[Any], inputs: Sequence[Any], kwargs: Any) -> list:
+    def parallel_apply(self, replicas: Sequence[Any], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
         return _apply_with_reporting(super().parallel_apply, self._callback_state)(
             replicas, inputs, kwargs
         )
 
 
 def patch_replication_callback(
-    data_parallel: nn.DataParallel, timeout: float = DEFAULT_SYNC_TIMEOUT_S
-) -> nn.DataParallel:
+    data_parallel: nn.DataParallel[nn.Module], timeout: float = DEFAULT_SYNC_TIMEOUT_S
+) -> nn.DataParallel[nn.Module]:
     """Monkey-patch an nn.DataParallel (or a custom subclass) to behave as
     :class:`DataParallelWithCallback`. Returns the same object.
 
@@ -277,8 +282,14 @@ def patch_replication_callback(
     ):
         return data_parallel
     state = _CallbackState()
-    data_parallel._fsyncbn_patched = True
-    data_parallel.replicate = _replicate_then_wire(data_parallel.replicate, state, timeout)
-    data_parallel.parallel_apply = _apply_with_reporting(data_parallel.parallel_apply, state)
-    data_parallel.sync_timeout = timeout
+    # The patch this function exists for: nn.Module's __setattr__ is typed for tensors and
+    # modules only, and mypy forbids assigning to methods.
+    data_parallel._fsyncbn_patched = True  # type: ignore[assignment]
+    data_parallel.replicate = _replicate_then_wire(  # type: ignore[method-assign,assignment]
+        data_parallel.replicate, state, timeout
+    )
+    data_parallel.parallel_apply = _apply_with_reporting(  # type: ignore[method-assign,assignment]
+        data_parallel.parallel_apply, state
+    )
+    data_parallel.sync_timeout = timeout  # type: ignore[assignment]
     return data_parallel

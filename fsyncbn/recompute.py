@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -70,7 +71,7 @@ class RecomputeCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[type[RecomputeCache], tuple[int | None]]:
         # A copy or a pickle of the layer starts empty (and a lock cannot be copied).
         return (RecomputeCache, (self._entries.maxlen,))
 
@@ -116,7 +117,8 @@ class _Recording:
 
 class _Replay:
     def __init__(self, cache: RecomputeCache) -> None:
-        self.cache, self.reducer, self.calls = cache, None, 0
+        self.cache, self.calls = cache, 0
+        self.reducer: Reducer | None = None
 
     def __call__(self, t: Tensor) -> Tensor:
         self.calls += 1
@@ -126,4 +128,4 @@ class _Replay:
                 raise RuntimeError("a checkpoint's recomputation found its layer's statistics cache emptied")
             total, self.reducer = found
             return total.clone()
-        return self.reducer(t)  # type: ignore[misc]
+        return cast(Reducer, self.reducer)(t)  # set by the first call

@@ -1,29 +1,24 @@
-"""Reducers for torch.distributed, and the reducer contract.
+"""Reducers for torch.distributed.
 
-The contract lives with the functional ops (:mod:`fsyncbn.functional.reducer`): **a reducer
-is any callable ``reducer(t: Tensor) -> Tensor`` returning the element-wise sum of ``t`` over
-all participants, differentiable (its backward is the same sum of the incoming gradients).**
-Every participant calls it the same number of times with tensors of the same shape. fsyncbn
-calls it once per batch-norm layer in forward and once in backward, on O(C) numbers. Write
-your own for another transport (Horovod, a custom RPC): nothing else is required.
-
-Here: :class:`LocalReducer` (one participant) and :class:`ProcessGroupReducer` (the ranks of
-a torch.distributed process group). DataParallel replicas meet in :mod:`fsyncbn.replicas`.
+What a reducer is, is written once, with the functional ops: :mod:`fsyncbn.functional.reducer`.
+Here: :class:`ProcessGroupReducer` (the ranks of a torch.distributed process group) and
+:func:`all_reduce_sum`; :class:`LocalReducer` (one participant) is re-exported. DataParallel
+replicas meet in :mod:`fsyncbn.replicas`.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
-import weakref
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
-from . import teardown
+from . import group_keys, teardown
 from .functional.agreement import SynchronizationError, agreement_header, disagreement
 from .functional.reducer import LocalReducer, Reducer
 
@@ -41,7 +36,10 @@ def all_reduce_sum(t: Tensor, group: dist.ProcessGroup) -> Tensor:
     :mod:`fsyncbn.teardown`); other devices sum in place, with no host synchronisation.
     """
     if torch.compiler.is_compiling():
-        return funcol.wait_tensor(funcol.all_reduce(t, "sum", group))
+        summed: Tensor = funcol.wait_tensor(  # type: ignore[no-untyped-call]  # untyped in torch
+            funcol.all_reduce(t, "sum", group)
+        )
+        return summed
     if t.device.type != "cpu":
         total = t.clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
@@ -55,12 +53,12 @@ class _AllReduceSum(torch.autograd.Function):
     """all_reduce(SUM) whose backward is all_reduce(SUM) of the gradients."""
 
     @staticmethod
-    def forward(ctx, t: Tensor, group: dist.ProcessGroup) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, t: Tensor, group: dist.ProcessGroup) -> Tensor:
         ctx.group = group
         return all_reduce_sum(t, group)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return all_reduce_sum(grad.contiguous(), ctx.group), None
 
 
@@ -82,8 +80,9 @@ def is_peer_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(word in text for word in _PEER_FAILURE)
 
 
-# Per process group, the tag of the next reducer to make its first call (see _tagged_sum).
-_next_tag: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Per process group (named, not held: see group_keys), the tag of the next reducer to make its
+# first call (see _tagged_sum).
+_next_tag: dict[group_keys.GroupKey, itertools.count[int]] = {}
 _tag_lock = threading.Lock()
 
 
@@ -146,15 +145,19 @@ class ProcessGroupReducer:
                     "torch.distributed.init_process_group first"
                 )
             )
-        group = self.group if self.group is not None else dist.group.WORLD
+        # Initialized (checked above): the default group exists.
+        group = self.group if self.group is not None else cast(dist.ProcessGroup, dist.group.WORLD)
+        total: Tensor
         if torch.compiler.is_compiling():
-            return _AllReduceSum.apply(t, group)
+            total = _AllReduceSum.apply(t, group)  # type: ignore[no-untyped-call]  # torch's apply
+            return total
         try:
             if t.numel() not in self._checked_sizes:
                 self._check_size(t, group)
             if t.device.type == "cpu" and t.dtype == torch.float64:
                 return self._tagged_sum(t, group)
-            return _AllReduceSum.apply(t, group)
+            total = _AllReduceSum.apply(t, group)  # type: ignore[no-untyped-call]  # torch's apply
+            return total
         except (RuntimeError, dist.DistError) as exc:
             if isinstance(exc, SynchronizationError) or not is_peer_failure(exc):
                 raise
@@ -171,8 +174,11 @@ class ProcessGroupReducer:
         """Sum the tag's agreement header with ``t``; raise if the ranks are at different tags."""
         if self._tag is None:
             self._assign_tag(group)
-        tag = self._tag
-        total = _AllReduceSum.apply(torch.cat([self._tag_header, t]), group)
+        tag = cast(int, self._tag)  # assigned by _assign_tag, with its header
+        header = cast(Tensor, self._tag_header)
+        total: Tensor = _AllReduceSum.apply(  # type: ignore[no-untyped-call]  # torch's apply
+            torch.cat([header, t]), group
+        )
         self._require_agreement(total[:3].tolist(), tag, lambda ranks, average: (
             f"the ranks are out of step: this rank is at the layer it first synchronised as "
             f"number {tag}, the {ranks:g} ranks average {average:g} (a rank skipped a "
@@ -182,7 +188,10 @@ class ProcessGroupReducer:
 
     def _assign_tag(self, group: dist.ProcessGroup) -> None:
         with _tag_lock:
-            index = next(_next_tag.setdefault(group, itertools.count()))
+            key = group_keys.key_of(group)
+            if key not in _next_tag:
+                group_keys.prune(_next_tag)
+            index = next(_next_tag.setdefault(key, itertools.count()))
         # Kept small enough that float64 sums of tag^2 stay exact for any world size.
         self._tag = 1 + index % 65536
         self._tag_header = torch.tensor(agreement_header(self._tag), dtype=torch.float64)
@@ -205,7 +214,7 @@ class ProcessGroupReducer:
         if average is not None:
             raise SynchronizationError(self._message(explain(summed[0], average)))
 
-    def __deepcopy__(self, memo: dict) -> ProcessGroupReducer:
+    def __deepcopy__(self, memo: dict[int, Any]) -> ProcessGroupReducer:
         # A process group is a handle to shared communicators: copies of a model share it.
         return ProcessGroupReducer(self.group, name=self.name)
 

@@ -12,6 +12,7 @@ import itertools
 import threading
 import time
 import weakref
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -194,8 +195,8 @@ class ReplicaGroup:
 
     def _sum_parts(self, rnd: _Round, index: int) -> str | None:
         """Sum the parts into ``rnd.result``; or say why they cannot be summed."""
-        parts = rnd.parts
-        shapes = [tuple(p.shape) for p in parts]  # type: ignore[union-attr]
+        parts = cast(list[Tensor], rnd.parts)  # every replica has arrived: no None left
+        shapes = [tuple(p.shape) for p in parts]
         if len(set(shapes)) != 1:
             listing = ", ".join(f"replica {i} {s}" for i, s in enumerate(shapes))
             return (
@@ -227,12 +228,13 @@ def _(t: Tensor, handle: Tensor) -> Tensor:
     return torch.empty_like(t)
 
 
-def _replica_sum_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+def _replica_sum_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
     ctx.handle = inputs[1]
 
 
-def _replica_sum_backward(ctx, grad: Tensor):  # type: ignore[no-untyped-def]
-    return torch.ops.fsyncbn.replica_sum(grad.contiguous(), ctx.handle), None
+def _replica_sum_backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    grad_t: Tensor = torch.ops.fsyncbn.replica_sum(grad.contiguous(), ctx.handle)  # torch.ops: Any
+    return grad_t, None
 
 
 _replica_sum.register_autograd(_replica_sum_backward, setup_context=_replica_sum_setup)
@@ -250,7 +252,8 @@ class ReplicaReducer:
         _replica_reducers[key] = self
 
     def __call__(self, t: Tensor) -> Tensor:
-        return torch.ops.fsyncbn.replica_sum(t, self.handle)
+        total: Tensor = torch.ops.fsyncbn.replica_sum(t, self.handle)  # torch.ops calls are untyped
+        return total
 
     def __repr__(self) -> str:
         return f"<replica {self.replica} reducer of {self.group.layer}>"

@@ -128,7 +128,7 @@ def route(layer: nn.Module) -> Route:
 
 def recompute_cache(layer: nn.Module) -> RecomputeCache:
     """``layer``'s cache of sums for a checkpoint's recomputation (made on first use)."""
-    cache = layer.__dict__.get("_recompute")
+    cache: RecomputeCache | None = layer.__dict__.get("_recompute")
     if cache is None:
         cache = layer.__dict__.setdefault("_recompute", RecomputeCache())
     return cache

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from . import group_keys
 from .functional.state import STATE_KEYS
 
 __all__ = ["StepJournal", "journal_for", "roll_back_step"]
@@ -86,8 +87,8 @@ class StepJournal:
             else:
                 output.grad_fn.register_prehook(self._backward_hook(self._step))
 
-    def _backward_hook(self, step: int) -> Callable[[tuple], None]:
-        def backward_began(grad_outputs: tuple) -> None:
+    def _backward_hook(self, step: int) -> Callable[[tuple[Tensor | None, ...]], None]:
+        def backward_began(grad_outputs: tuple[Tensor | None, ...]) -> None:
             with self._lock:
                 if self._step == step:
                     self._backward_began = True
@@ -107,17 +108,18 @@ class StepJournal:
             self._step += 1
 
 
-# One journal per (process group, thread). Groups are named by their group_name: a weak
-# reference to a process group would run Python while gloo tears the group down at exit.
-_journals: dict[object, threading.local] = {}
+# One journal per (process group, thread); groups are named, not held (see group_keys).
+_journals: dict[group_keys.GroupKey, threading.local] = {}
 _journals_lock = threading.Lock()
 
 
 def journal_for(group: object) -> StepJournal:
     """The journal of ``group`` (a process group) in the calling thread."""
-    key = (getattr(group, "group_name", None), id(group))
+    key = group_keys.key_of(group)
     with _journals_lock:
         per_thread = _journals.get(key)
+        if per_thread is None:
+            group_keys.prune(_journals)
         if per_thread is None:
             per_thread = _journals[key] = threading.local()
     journal = getattr(per_thread, "journal", None)

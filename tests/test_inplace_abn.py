@@ -182,6 +182,10 @@ def test_a_leaf_input_that_requires_grad_is_refused():
     x = torch.randn(4, 3, requires_grad=True)
     with pytest.raises(ValueError, match=r"batch_norm_act: in_place=True overwrites the input, which is a "
                        r"leaf tensor that requires grad.*pass input.clone\(\)"):
+        batch_norm_act(x, None, training=True)
+    # The layer names itself (its class and channels, or its place in a model) instead of the op.
+    with pytest.raises(ValueError, match=r"^InPlaceABN\(3\): in_place=True overwrites the input, which is "
+                       r"a leaf tensor that requires grad.*pass input.clone\(\)"):
         InPlaceABN(3)(x)
 
 

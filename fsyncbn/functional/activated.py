@@ -45,7 +45,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from numbers import Real
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -159,8 +159,8 @@ class InPlaceABN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, input: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+    def forward(
+        ctx: Any, input: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
         eps: float, var_follows_batch: Tensor | None, count: Tensor | float,
         reducer: Callable[[Tensor], Tensor] | None, activation: str, param: float,
         weight_floor: float,
@@ -180,13 +180,13 @@ class InPlaceABN(torch.autograd.Function):
         ctx.host_count = None if isinstance(count, Tensor) else count
         saved = [input, weight, bias, mean, var, var_follows_batch]
         if ctx.host_count is None:
-            saved.append(count)
+            saved.append(cast(Tensor, count))  # not a host count: a tensor
         ctx.save_for_backward(*saved)
         return input
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         output, weight, bias, mean, var, var_follows_batch, *saved_count = ctx.saved_tensors
         count = ctx.host_count if ctx.host_count is not None else saved_count[0]
         dtype = stats_dtype(output)
@@ -215,7 +215,7 @@ class InPlaceABN(torch.autograd.Function):
 
 
 def _synchronized_backward(
-    ctx, grad_output: Tensor, output: Tensor, y: Tensor | None, dy: Tensor | None, gamma: Tensor,
+    ctx: Any, grad_output: Tensor, output: Tensor, y: Tensor | None, dy: Tensor | None, gamma: Tensor,
     beta: Tensor, invstd: Tensor, scale: Tensor, var_follows_batch: Tensor | None,
     count: Tensor | float, channels: int, dtype: torch.dtype,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
@@ -261,7 +261,8 @@ def _synchronized_backward(
     return grad_input, local_sum_dy, local_sum_dy_xhat
 
 
-InPlaceABN.forward.__signature__ = inspect.signature(InPlaceABN.forward)  # see normalize.py
+# See normalize.py; __signature__ is not in typeshed.
+InPlaceABN.forward.__signature__ = inspect.signature(InPlaceABN.forward)  # type: ignore[attr-defined]
 
 
 def batch_norm_act(
@@ -382,7 +383,7 @@ def run_batch_norm_act(
         check_local_batch_size(fn, input)
     moments = global_moments(fn, input, reducer or LOCAL_REDUCER, training=True)
     terms = normalization_terms(moments.var, float(eps), eps_mode)
-    output = InPlaceABN.apply(
+    output = InPlaceABN.apply(  # type: ignore[no-untyped-call]  # torch's apply
         input, weight, bias, moments.mean, terms.var, terms.eps, terms.var_follows_batch,
         moments.count, reducer, activation, param, float(eps),
     )

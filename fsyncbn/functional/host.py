@@ -3,6 +3,8 @@ host may read them (eager CPU) and a tensor elsewhere (accelerators, torch.compi
 
 from __future__ import annotations
 
+from typing import overload
+
 import torch
 from torch import Tensor
 
@@ -33,6 +35,12 @@ def as_dtype(value: Tensor | float, dtype: torch.dtype) -> Tensor | float:
     return value.to(dtype) if isinstance(value, Tensor) else value
 
 
+@overload
+def in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor: ...
+@overload
+def in_dtype(t: None, dtype: torch.dtype) -> None: ...
+@overload
+def in_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None: ...
 def in_dtype(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """``t`` in ``dtype`` (None stays None; no copy when it already is)."""
     return t if t is None or t.dtype == dtype else t.to(dtype)

@@ -19,15 +19,25 @@ The choices, in one place:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from . import host
 
-_native_training = torch.ops.aten._native_batch_norm_legit_functional
-_native_training_no_stats = torch.ops.aten._native_batch_norm_legit.no_stats
-_native_inference = torch.ops.aten._native_batch_norm_legit_no_training
-_native_backward = torch.ops.aten.native_batch_norm_backward
+# torch.ops are untyped (their calls return Any): typed here with the results of their schemas.
+_native_training: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = (
+    torch.ops.aten._native_batch_norm_legit_functional
+)
+_native_training_no_stats: Callable[..., tuple[Tensor, Tensor, Tensor]] = (
+    torch.ops.aten._native_batch_norm_legit.no_stats
+)
+_native_inference: Callable[..., tuple[Tensor, Tensor, Tensor]] = (
+    torch.ops.aten._native_batch_norm_legit_no_training
+)
+_native_backward: Callable[..., tuple[Tensor, Tensor, Tensor]] = torch.ops.aten.native_batch_norm_backward
 
 
 # --- local training: torch's own kernel ---------------------------------------------------
@@ -80,7 +90,9 @@ def channel_moments(input: Tensor) -> tuple[Tensor, Tensor]:
     if input.device.type == "cpu" and channels_innermost(input):
         # Inductor's CPU reductions over every dimension but the innermost are slow (about 3x
         # torch's kernel for channels_last): torch's kernel as one opaque op.
-        return _opaque_channel_moments(input)
+        # A custom op's call is untyped (Any): typed as the function it wraps.
+        moments: tuple[Tensor, Tensor] = _opaque_channel_moments(input)
+        return moments
     # Plain ops, which Inductor fuses: on CPU faster than its var_mean (Welford), and for
     # contiguous (N, C, H, W) input faster than torch's kernel.
     dims = [0, *range(2, input.dim())]
@@ -109,12 +121,18 @@ def pack(header: tuple[float, ...], parts: list[Tensor]) -> Tensor:
     """The float64 message ``[*header, *parts]`` on the parts' device."""
     device = parts[0].device
     if host.reads_on_host(parts[0]):
-        head = [torch.tensor(header, dtype=torch.float64)]
+        head = [_host_header(header)]  # cat copies it: the cached tensor is never written
     else:
         # Filled on the device, not copied from host memory: a host-to-device copy would
         # synchronise and cannot be captured in a CUDA graph.
         head = [torch.full((1,), value, dtype=torch.float64, device=device) for value in header]
     return torch.cat([*head, *parts])
+
+
+@functools.lru_cache(maxsize=256)
+def _host_header(header: tuple[float, ...]) -> Tensor:
+    """A CPU tensor of ``header``, made once per header (a layer sends the same one each step)."""
+    return torch.tensor(header, dtype=torch.float64)
 
 
 # --- normalisation ------------------------------------------------------------------------
@@ -136,7 +154,8 @@ def normalize_inference(
         statistics_in_graph and torch.compiler.is_compiling() and input.device.type == "cpu"
         and channels_innermost(input)
     ):
-        return _opaque_inference(input, weight, bias, mean, var, eps)
+        output: Tensor = _opaque_inference(input, weight, bias, mean, var, eps)
+        return output
     return _native_inference(input, weight, bias, mean, var, 0.0, eps)[0]
 
 
@@ -150,7 +169,10 @@ def _opaque_inference(
 
 
 @_opaque_inference.register_fake
-def _(input, weight, bias, mean, var, eps):  # noqa: ANN001, ANN202 - mirrors the op
+def _(
+    input: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+    eps: float,
+) -> Tensor:
     return torch.empty_like(input)
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from . import kernels, message
 from .agreement import SynchronizationError, disagreement
 from .checks import shape_str, values_per_channel
-from .host import assert_on_device, at_least, in_dtype, reads_on_host
+from .host import assert_on_device, at_least, reads_on_host
 
 
 class GlobalMoments(NamedTuple):
@@ -36,7 +36,8 @@ class GlobalMoments(NamedTuple):
     var_unbiased: Tensor  # (C,) for the running variance
     # Values per channel over all participants: a Python number where the header was read
     # on the host (eager CPU), else a 0-dim float64 tensor.
-    count: Tensor | float
+    # Shadows tuple.count, as intended: the field is what callers read.
+    count: Tensor | float  # type: ignore[assignment]
 
 
 def stats_dtype(input: Tensor) -> torch.dtype:
@@ -98,7 +99,8 @@ def check_header(fn: str, total: Tensor, input: Tensor, training: bool) -> Tenso
                 f"{channel_header[0]:g} participants (input shape here "
                 f"{shape_str(input.shape)}); use a larger batch"
             )
-        return count
+        host_count: float = count  # tolist() of float64: a Python float (typed Any)
+        return host_count
     participants, sum_c, sum_c2, count = total[:message.HEADER_SIZE].unbind()
     same_channels = (sum_c == participants * channels) & (
         sum_c2 == participants * channels * channels
@@ -125,7 +127,11 @@ def merge_moments(total: Tensor, count: Tensor | float, dtype: torch.dtype) -> G
     mean, mean_square = (sums / at_least(count, 1.0)).unbind()
     var = torch.addcmul(mean_square, mean, mean, value=-1).clamp_(min=0)
     var_unbiased = var * (count / at_least(count - 1, 1.0))
-    return GlobalMoments(in_dtype(mean, dtype), in_dtype(var, dtype), in_dtype(var_unbiased, dtype), count)
+    if dtype == torch.float64:
+        return GlobalMoments(mean, var, var_unbiased, count)
+    # One cast for the three (each op is a dispatch on small tensors).
+    mean, var, var_unbiased = torch.stack([mean, var, var_unbiased]).to(dtype).unbind()
+    return GlobalMoments(mean, var, var_unbiased, count)
 
 
 def global_moments(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -52,7 +52,8 @@ def normalize(
     and memory format (see :func:`.kernels.normalize_inference` for ``statistics_in_graph``).
     """
     dtype = stats_dtype(input)
-    weight, bias, mean, var = (in_dtype(t, dtype) for t in (weight, bias, mean, var))
+    weight, bias = (in_dtype(t, dtype) for t in (weight, bias))
+    mean, var = in_dtype(mean, dtype), in_dtype(var, dtype)
     if input.numel() == 0:
         # The native backward crashes (SIGFPE) on empty input; plain ops give the same
         # empty output and zero parameter gradients.
@@ -92,7 +93,7 @@ class SyncNormalize(torch.autograd.Function):
         return normalize(input, weight, bias, mean, var, eps, statistics_in_graph=True)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         input, weight, bias, mean, var, eps, var_follows_batch, count, reducer = inputs
         ctx.eps = eps
         ctx.reducer = reducer
@@ -106,7 +107,7 @@ class SyncNormalize(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         input, weight, mean, var, var_follows_batch, *saved_count = ctx.saved_tensors
         count = ctx.host_count if ctx.host_count is not None else saved_count[0]
         dtype = stats_dtype(input)
@@ -154,4 +155,6 @@ class SyncNormalize(torch.autograd.Function):
 
 # torch's Function.apply binds the arguments to forward's signature on every call; a
 # signature stored on the function (PEP 362) spares it rebuilding one each time.
-SyncNormalize.forward.__signature__ = inspect.signature(SyncNormalize.forward)
+SyncNormalize.forward.__signature__ = inspect.signature(  # type: ignore[attr-defined]  # not in typeshed
+    SyncNormalize.forward
+)

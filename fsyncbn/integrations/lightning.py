@@ -29,7 +29,8 @@ from ..convert import convert_model, revert_model
 try:
     from lightning.pytorch.plugins.layer_sync import LayerSync
 except ImportError:  # only the older package name is installed
-    from pytorch_lightning.plugins.layer_sync import LayerSync
+    # The same class under the older name; mypy sees two distinct classes.
+    from pytorch_lightning.plugins.layer_sync import LayerSync  # type: ignore[assignment]
 
 __all__ = ["SyncBatchNormPlugin"]
 

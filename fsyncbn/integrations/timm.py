@@ -17,12 +17,13 @@ need timm, and :func:`register_norm_act` teaches fsyncbn any other class built t
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, cast
 
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..conversions import register_conversion
+from ..conversions import ToPlain, ToSync, register_conversion
 from ..functional.state import STATE_KEYS
 from ..modules import SyncBatchNorm, SynchronizedBatchNorm2d
 
@@ -41,7 +42,10 @@ class _ActDropMixin:
         self.act = act if act is not None else nn.Identity()
 
     def forward(self, input: Tensor) -> Tensor:
-        return self.act(self.drop(super().forward(input)))  # type: ignore[misc]
+        # super(): the batch-norm class this is mixed into (unknown to mypy here).
+        normalized = super().forward(input)  # type: ignore[misc]
+        output: Tensor = self.act(self.drop(normalized))
+        return output
 
 
 class SynchronizedBatchNormAct2d(_ActDropMixin, SynchronizedBatchNorm2d):
@@ -81,16 +85,21 @@ def _act_drop(layer: nn.Module) -> dict[str, nn.Module | None]:
     return {"act": getattr(layer, "act", None), "drop": getattr(layer, "drop", None)}
 
 
-def _to_sync(sync_cls: type[SynchronizedBatchNorm2d]):  # type: ignore[no-untyped-def]
+_NormActClass = type[SynchronizedBatchNormAct2d] | type[SyncBatchNormAct]
+
+
+def _to_sync(sync_cls: _NormActClass) -> ToSync:
     def to_sync(layer: nn.Module, process_group: dist.ProcessGroup | None) -> nn.Module:
-        synced = sync_cls.from_batchnorm(layer, process_group)  # type: ignore[arg-type]
-        synced._set_act_drop(**_act_drop(layer))  # type: ignore[attr-defined]
+        # Called on layers of the registered plain class: a batch-norm subclass.
+        synced = cast(SynchronizedBatchNormAct2d | SyncBatchNormAct,  # an instance of sync_cls
+                      sync_cls.from_batchnorm(cast(_BatchNorm, layer), process_group))
+        synced._set_act_drop(**_act_drop(layer))
         return synced
 
     return to_sync
 
 
-def _to_plain(plain_cls: type[nn.Module]):  # type: ignore[no-untyped-def]
+def _to_plain(plain_cls: type[nn.Module]) -> ToPlain:
     def to_plain(layer: nn.Module) -> nn.Module:
         # timm's constructors take no `bias` keyword: build, then hand over every tensor.
         hyper = (layer.num_features, layer.eps, layer.momentum, layer.affine, layer.track_running_stats)
@@ -114,7 +123,7 @@ def _to_plain(plain_cls: type[nn.Module]):  # type: ignore[no-untyped-def]
 
 
 def register_norm_act(
-    plain_cls: type[nn.Module], sync_cls: type[SynchronizedBatchNorm2d] = SynchronizedBatchNormAct2d
+    plain_cls: type[nn.Module], sync_cls: _NormActClass = SynchronizedBatchNormAct2d
 ) -> None:
     """Register a timm-style norm + activation class: a batch-norm subclass whose forward is
     ``act(drop(batch_norm(x)))`` with its ``act`` and ``drop`` as attributes, and whose

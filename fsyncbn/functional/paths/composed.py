@@ -27,7 +27,7 @@ def train(
     """Training with statistics summed over all participants (one sum forward, one backward)."""
     moments = global_moments(fn, input, reducer, training=True)
     terms = normalization_terms(moments.var, eps, eps_mode)
-    output = SyncNormalize.apply(
+    output: Tensor = SyncNormalize.apply(  # type: ignore[no-untyped-call]  # torch's apply
         input, weight, bias, moments.mean, terms.var, terms.eps, terms.var_follows_batch,
         moments.count, reducer,
     )

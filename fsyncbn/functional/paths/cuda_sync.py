@@ -47,8 +47,12 @@ from ..state import STATE_KEYS, State
 DEVICE_TYPES = {"cuda"}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# What selects one compiled variant of the glue: device, statistics dtype, has state, uses a
+# momentum, clamp mode.
+_Configuration = tuple[str, torch.dtype, bool, bool, bool]
+
 # Configurations whose glue failed to compile or launch: the composed path serves them.
-_failed: dict[tuple, str] = {}
+_failed: dict[_Configuration, str] = {}
 
 
 def _kernels() -> Any:
@@ -77,7 +81,7 @@ def accepts(
 
 def _configuration(
     input: Tensor, state: Mapping[str, Tensor] | None, momentum: float | None, eps_mode: str
-) -> tuple:
+) -> _Configuration:
     """What selects one compiled variant of the glue on one device."""
     return (
         str(input.device), stats_dtype(input), state is not None,
@@ -112,10 +116,10 @@ def ready(
     return True
 
 
-_compiled: set[tuple] = set()
+_compiled: set[_Configuration] = set()
 
 
-def _rehearse(device: torch.device, key: tuple) -> None:
+def _rehearse(device: torch.device, key: _Configuration) -> None:
     """Launch both glue kernels once on scratch tensors with this configuration's dtypes and
     constants (the variants a real step launches), then wait for them."""
     _, dtype, has_state, use_momentum, clamp = key
@@ -159,7 +163,7 @@ def train(
         "1 value per channel over all participants",
     )
     global_mean, invstd, follows = stats.view(3, channels).unbind()
-    output = CudaSyncNormalize.apply(
+    output: Tensor = CudaSyncNormalize.apply(  # type: ignore[no-untyped-call]  # torch's apply
         input, weight, bias, global_mean, invstd, follows if clamp else None, counts[:2], reducer,
     )
     return output, new_state
@@ -192,6 +196,8 @@ def _merge(
     channels = (total.numel() - message.HEADER_SIZE) // 2
     stats = torch.empty(3 * channels, dtype=dtype, device=total.device)
     counts = torch.empty(3, dtype=torch.int32, device=total.device)
+    old: tuple[Tensor, ...]
+    new: tuple[Tensor, ...]
     if state is None:
         old = new = (total, total, total)
         new_state = None
@@ -233,7 +239,7 @@ class CudaSyncNormalize(torch.autograd.Function):
         return torch.batch_norm_elemt(input, weight, bias, mean, invstd, 0.0)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         input, weight, bias, mean, invstd, follows, counts, reducer = inputs
         ctx.reducer = reducer
         ctx.has_bias = bias is not None
@@ -242,7 +248,7 @@ class CudaSyncNormalize(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         input, weight, mean, invstd, follows, counts = ctx.saved_tensors
         channels = input.shape[1]
         # torch's kernels pick their layout from one tensor: give dy the input's.
@@ -274,7 +280,9 @@ class CudaSyncNormalize(torch.autograd.Function):
         )
 
 
-CudaSyncNormalize.forward.__signature__ = inspect.signature(CudaSyncNormalize.forward)
+CudaSyncNormalize.forward.__signature__ = inspect.signature(  # type: ignore[attr-defined]  # not in typeshed
+    CudaSyncNormalize.forward
+)
 
 
 def _like_layout(t: Tensor, like: Tensor) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 from torch import Tensor
 
@@ -18,4 +19,5 @@ def infer(
     back when ``in_place``, else a new dict of the same tensors."""
     terms = normalization_terms(state["running_var"], eps, eps_mode)
     output = normalize(input, weight, bias, state["running_mean"], terms.var, terms.eps)
-    return output, state if in_place else dict(state)
+    # in_place: ``state`` is a layer's own State dict (see ..ops.run_batch_norm).
+    return output, cast(State, state) if in_place else dict(state)

@@ -4,6 +4,7 @@ nn.BatchNorm (outputs, gradients, running statistics with a momentum)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 from torch import Tensor
 
@@ -23,18 +24,19 @@ def train(
     if state is None:
         return kernels.train_locally(input, weight, bias, None, None, 0.0, eps, in_place=False)[0], None
     if momentum is not None:
-        output, mean, var = kernels.train_locally(
+        # Given running statistics, the kernel returns them (or new ones): never None.
+        output, mean, var = cast(tuple[Tensor, Tensor, Tensor], kernels.train_locally(
             input, weight, bias, state["running_mean"], state["running_var"], momentum, eps,
             in_place=in_place,
-        )
+        ))
         if in_place:
             state["num_batches_tracked"].add_(1)
             return output, dict(state)
         return output, {"running_mean": mean, "running_var": var,
                         "num_batches_tracked": state["num_batches_tracked"] + 1}
     channels, dtype = input.shape[1], stats_dtype(input)
-    output, mean, var = kernels.train_locally(
+    output, mean, var = cast(tuple[Tensor, Tensor, Tensor], kernels.train_locally(
         input, weight, bias, input.new_zeros(channels, dtype=dtype),
         input.new_ones(channels, dtype=dtype), 1.0, eps, in_place=True,
-    )
+    ))
     return output, commit(state, mean, var, None, None, in_place)
