@@ -25,9 +25,10 @@ from fsyncbn.integrations.lightning import SyncBatchNormPlugin  # noqa: E402
 from tests._support import fit_reference  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-# Each way twice. The exit race that once made some of these fits abort is forced, every run, by
-# tests/test_exit_race.py; scripts/exit_soak.py repeats these fits (--runs N).
-RUNS = 4
+# Each way once (plugin, then a model the user converted). The exit race that once made some of
+# these fits abort is forced, every run, by tests/test_exit_race.py; scripts/exit_soak.py repeats
+# these fits under load (--runs N).
+RUNS = 2
 
 
 def _start_fit(out_dir: Path, how: str) -> subprocess.Popen:
