@@ -133,8 +133,10 @@ def _rehearse(device: torch.device, key: _Configuration) -> None:
         "num_batches_tracked": torch.zeros((), dtype=torch.long, device=device),
     } if has_state else None
     _merge(packed, state, 0.1 if use_momentum else None, 1e-5, clamp, dtype, in_place=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # once per configuration: surface a launch failure here
+    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        # Once per configuration: surface a launch failure here (never inside a graph capture,
+        # where a synchronisation is illegal; the launches themselves still fail there).
+        torch.cuda.synchronize(device)
 
 
 def train(
