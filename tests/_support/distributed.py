@@ -33,8 +33,27 @@ def _bootstrap(rank: int, world_size: int, port: int, fn: Callable, args: tuple)
     )
     try:
         fn(rank, world_size, *args)
+        _settle_torch_collectives()
     finally:
         dist.destroy_process_group()
+
+
+def _settle_torch_collectives() -> None:
+    """Let gloo's workers drop the test body's own collectives before the interpreter exits.
+
+    fsyncbn's sums are drained by fsyncbn.teardown; a test's own ``dist.all_gather`` or FSDP's
+    collectives are torch's (docs/distributed.md, "Leaving the interpreter"): a worker that drops
+    such a tensor during finalization aborts the process (pytorch#190489). The documented remedy
+    is applied: drop references, then two barriers (each worker takes new work only after it has
+    dropped its last), and a moment for the dropping worker to get the GIL.
+    """
+    import gc
+    import time
+
+    gc.collect()
+    for _ in range(2):
+        dist.barrier()
+    time.sleep(0.05)
 
 
 def spawn(world_size: int, fn: Callable, *args, timeout_s: float = 120.0) -> None:
