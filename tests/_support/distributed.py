@@ -51,8 +51,11 @@ def _settle_torch_collectives() -> None:
     import time
 
     gc.collect()
-    for _ in range(2):
-        dist.barrier()
+    try:
+        for _ in range(2):
+            dist.barrier()
+    except RuntimeError:
+        pass  # a peer already left (a test of a failing rank): its collectives are over
     time.sleep(0.05)
 
 
