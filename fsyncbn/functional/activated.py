@@ -51,11 +51,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import kernels
-from .checks import check_arguments, check_local_batch_size, values_per_channel
-from .host import as_dtype, at_least, participation
-from .moments import global_moments, stats_dtype
-from .normalize import normalization_terms
+from .checks import check_arguments
+from .host import as_dtype, at_least, empty_batch_sums, participation, stats_dtype, values_per_channel
+from .moments import global_moments
+from .normalize import (
+    backward_sums,
+    normalization_terms,
+    normalized_affine,
+    per_channel,
+)
 from .ops import EpsMode, run_batch_norm
 from .reducer import LOCAL_REDUCER, Reducer
 from .state import State, commit
@@ -143,7 +147,7 @@ def invert_activation(z: Tensor, grad_z: Tensor, activation: str, param: float) 
 
 def _scale_shift_(input: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``input = input * scale + shift`` per channel, in ``input``'s storage."""
-    scale, shift = kernels.per_channel(scale, input), kernels.per_channel(shift, input)
+    scale, shift = per_channel(scale, input), per_channel(shift, input)
     if torch.compiler.is_compiling():
         return input.mul_(scale).add_(shift)
     # One pass: TensorIterator allows an output that is exactly one of the inputs.
@@ -165,7 +169,7 @@ class InPlaceABN(torch.autograd.Function):
         reducer: Callable[[Tensor], Tensor] | None, activation: str, param: float,
         weight_floor: float,
     ) -> Tensor:
-        dtype = stats_dtype(input)
+        dtype = stats_dtype(input.dtype)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * _clamp_magnitude(weight.to(dtype), weight_floor)
         shift = -mean * scale
@@ -189,14 +193,14 @@ class InPlaceABN(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         output, weight, bias, mean, var, var_follows_batch, *saved_count = ctx.saved_tensors
         count = ctx.host_count if ctx.host_count is not None else saved_count[0]
-        dtype = stats_dtype(output)
+        dtype = stats_dtype(output.dtype)
         channels = output.shape[1]
         gamma = (torch.ones_like(mean) if weight is None
                  else _clamp_magnitude(weight.to(dtype), ctx.weight_floor))
         beta = torch.zeros_like(mean) if bias is None else bias.to(dtype)
         invstd = torch.rsqrt(var + ctx.eps)
         scale = invstd * gamma  # d y / d x at fixed statistics
-        empty = values_per_channel(output) == 0
+        empty = values_per_channel(output.shape) == 0
         y = dy = None
         if not empty:
             z = output if output.dtype == dtype else output.to(dtype)
@@ -226,13 +230,13 @@ def _synchronized_backward(
     if y is None or dy is None:
         # Zeros computed from grad_output, so that a compiled backward keeps the collective
         # in the backward graph (as SyncNormalize).
-        zeros = kernels.empty_batch_sums(grad_output, dtype)
+        zeros = empty_batch_sums(grad_output, dtype)
         local_sum_dy = local_sum_dy_xhat = zeros
         local_sums = torch.cat([zeros, zeros])
     else:
         # torch's backward kernel with "mean" beta and "invstd" 1 / gamma: its sum of
         # dy * (y - beta) / gamma is sum dy * xhat.
-        local_sum_dy, local_sum_dy_xhat = kernels.backward_sums(dy, y, None, beta, gamma.reciprocal(), 0.0)
+        local_sum_dy, local_sum_dy_xhat = backward_sums(dy, y, None, beta, gamma.reciprocal(), 0.0)
         local_sum_dy, local_sum_dy_xhat = local_sum_dy.to(dtype), local_sum_dy_xhat.to(dtype)
         # The wire format's backward message (see .message): sum dy * (x - mean).
         local_sums = torch.cat([local_sum_dy, local_sum_dy_xhat / invstd])
@@ -253,10 +257,10 @@ def _synchronized_backward(
             slope = w / gamma
             if ctx.activation == "identity" and output.dtype == dtype:  # y is the saved output itself
                 ones = torch.ones_like(gamma)
-                grad_input = kernels.normalized_affine(y, slope, b, beta, ones, ones, 0.0)
+                grad_input = normalized_affine(y, slope, b, beta, ones, ones, 0.0)
             else:
                 grad_input = _scale_shift_(y, slope, b - beta * slope)
-            grad_input = grad_input.addcmul_(dy, kernels.per_channel(scale, y))
+            grad_input = grad_input.addcmul_(dy, per_channel(scale, y))
             grad_input = grad_input.to(grad_output.dtype)
     return grad_input, local_sum_dy, local_sum_dy_xhat
 
@@ -358,29 +362,29 @@ def run_batch_norm_act(
     """:func:`batch_norm_act` for a layer: ``state_in_place`` and ``checked`` as
     :func:`.ops.run_batch_norm`'s ``in_place`` and ``checked`` (the layer's buffers are
     written; its configuration was checked before)."""
-    if not checked:
-        check_arguments(
-            fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
-            eps_mode=eps_mode, reducer=reducer,
-        )
     check_activation(fn, activation, activation_param, in_place)
     param = float(activation_param)
     if not (in_place and training):
-        if in_place and weight is not None:
-            weight = effective_weight(weight, float(eps))  # the same function as in training
+        if in_place and isinstance(weight, Tensor) and weight.is_floating_point():
+            # The same function as in training. Anything that is not a floating-point tensor
+            # goes on unchanged, for run_batch_norm's checks to name.
+            weight = effective_weight(weight, float(eps))
         output, new_state = run_batch_norm(
             fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
-            reducer=reducer, eps_mode=eps_mode, in_place=state_in_place, checked=True,
+            reducer=reducer, eps_mode=eps_mode, in_place=state_in_place, checked=checked,
         )
         # The norm's output is fresh and its backward does not read it: activate in place.
         return activate(output, activation, param, in_place=True), new_state
+    # Training needs more than one value per channel without a reducer: checked here too.
+    check_arguments(
+        fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
+        eps_mode=eps_mode, reducer=reducer, configuration_checked=checked,
+    )
     if input.is_leaf and input.requires_grad:
         raise ValueError(
             f"{fn}: in_place=True overwrites the input, which is a leaf tensor that requires grad "
             "(autograd cannot modify it in place); pass input.clone(), or use in_place=False"
         )
-    if reducer is None:
-        check_local_batch_size(fn, input)
     moments = global_moments(fn, input, reducer or LOCAL_REDUCER, training=True)
     terms = normalization_terms(moments.var, float(eps), eps_mode)
     output = InPlaceABN.apply(  # type: ignore[no-untyped-call]  # torch's apply

@@ -12,6 +12,7 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from .host import values_per_channel
 from .state import STATE_KEYS
 
 EPS_MODES = ("plus", "clamp")
@@ -67,8 +68,37 @@ def check_arguments(
     eps: float,
     eps_mode: str,
     reducer: object,
+    configuration_checked: bool = False,
 ) -> None:
-    """Raise TypeError/ValueError naming ``fn`` for anything a batch-norm call cannot accept."""
+    """Raise TypeError/ValueError naming ``fn`` for anything a batch-norm call cannot accept.
+
+    ``configuration_checked``: the caller has already passed these very arguments through
+    this function (a layer remembers the configuration it validated); only the check that
+    depends on the batch's size runs again.
+    """
+    if not configuration_checked:
+        _check_configuration(
+            fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
+            eps_mode=eps_mode, reducer=reducer,
+        )
+    if reducer is None and (training or state is None):
+        # Batch statistics without synchronisation (training, or eval without running stats).
+        check_local_batch_size(fn, input)
+
+
+def _check_configuration(
+    fn: str,
+    input: Tensor,
+    state: Mapping[str, Tensor] | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    eps_mode: str,
+    reducer: object,
+) -> None:
     if not isinstance(input, Tensor):
         raise TypeError(f"{fn}: expected input to be a torch.Tensor, got {type(input).__name__}")
     if input.dim() < 2:
@@ -120,14 +150,9 @@ def check_arguments(
         _check_per_channel(fn, "bias", bias, input)
 
 
-def values_per_channel(input: Tensor) -> int:
-    """How many values each channel of ``input`` holds: N times the spatial size."""
-    return input.numel() // input.shape[1]
-
-
 def check_local_batch_size(fn: str, input: Tensor) -> None:
     """Without synchronisation, training needs more than one value per channel (as torch)."""
-    if values_per_channel(input) == 1:
+    if values_per_channel(input.shape) == 1:
         raise ValueError(
             f"{fn}: expected more than 1 value per channel when training, "
             f"got input of shape {shape_str(input.shape)}"

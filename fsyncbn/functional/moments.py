@@ -2,7 +2,7 @@
 
 Numerics. Each participant computes its own mean m_i and biased variance v_i = M2_i / n_i
 (M2_i: the sum of squared deviations) in the statistics dtype, in two passes (a mean, then a
-mean of squared deviations; see :func:`.kernels.channel_moments` for the kernel), which stays
+mean of squared deviations; see :func:`local_moments` for the kernel), which stays
 stable on offset data. They travel as float64 sums ``n_i * m_i`` and ``M2_i + n_i * m_i**2``
 so that ONE element-wise sum over the participants merges them; the global
 ``M2 = S2 - S1 * mean`` then equals ``sum M2_i + sum n_i (m_i - mean)**2`` up to float64
@@ -12,20 +12,32 @@ this way, where the float32 formula E[x^2] - E[x]^2 keeps none.
 The message layout is :mod:`.message`'s: the agreement header of C and the count, summed like
 the rest, tell every participant whether they all had the same channel count and the global
 count, at no extra round trip.
+
+This room also chooses the statistics kernel (eager, compiled, layout), so that a path
+enters it once with the batch and leaves with the global moments.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from . import kernels, message
+from . import message
 from .agreement import SynchronizationError, disagreement
-from .checks import shape_str, values_per_channel
-from .host import assert_on_device, at_least, reads_on_host
+from .checks import shape_str
+from .host import (
+    assert_on_device,
+    at_least,
+    channels_innermost,
+    empty_batch_sums,
+    reads_on_host,
+    stats_dtype,
+    values_per_channel,
+)
 
 
 class GlobalMoments(NamedTuple):
@@ -40,9 +52,53 @@ class GlobalMoments(NamedTuple):
     count: Tensor | float  # type: ignore[assignment]
 
 
-def stats_dtype(input: Tensor) -> torch.dtype:
-    """float64 statistics for float64 input, float32 for everything else (fp16/bf16 too)."""
-    return torch.float64 if input.dtype == torch.float64 else torch.float32
+def local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance per channel of a non-empty ``(N, C, *)`` batch, two passes."""
+    if not torch.compiler.is_compiling():
+        # torch's batch-norm statistics kernel: in eager mode far faster than a generic
+        # var_mean over (N, *).
+        return torch.batch_norm_update_stats(input, None, None, 0.0)
+    if input.device.type == "cpu" and channels_innermost(input.shape, input.stride()):
+        # Inductor's CPU reductions over every dimension but the innermost are slow (about 3x
+        # torch's kernel for channels_last): torch's kernel as one opaque op.
+        # A custom op's call is untyped (Any): typed as the function it wraps.
+        moments: tuple[Tensor, Tensor] = _opaque_local_moments(input)
+        return moments
+    # Plain ops, which Inductor fuses: on CPU faster than its var_mean (Welford), and for
+    # contiguous (N, C, H, W) input faster than torch's kernel.
+    dims = [0, *range(2, input.dim())]
+    mean = input.mean(dims, keepdim=True)
+    var = (input - mean).square().mean(dims)
+    return mean.flatten(), var
+
+
+@torch.library.custom_op("fsyncbn::channel_moments", mutates_args=())
+def _opaque_local_moments(input: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance per channel from torch's kernel, opaque to torch.compile."""
+    return torch.batch_norm_update_stats(input, None, None, 0.0)
+
+
+@_opaque_local_moments.register_fake
+def _(input: Tensor) -> tuple[Tensor, Tensor]:
+    return input.new_empty(input.shape[1]), input.new_empty(input.shape[1])
+
+
+def _pack(header: tuple[float, ...], parts: list[Tensor]) -> Tensor:
+    """The float64 message ``[*header, *parts]`` on the parts' device."""
+    if reads_on_host(parts[0]):
+        head = [_host_header(header)]  # cat copies it: the cached tensor is never written
+    else:
+        # Filled on the device, not copied from host memory: a host-to-device copy would
+        # synchronise and cannot be captured in a CUDA graph.
+        device = parts[0].device
+        head = [torch.full((1,), value, dtype=torch.float64, device=device) for value in header]
+    return torch.cat([*head, *parts])
+
+
+@functools.lru_cache(maxsize=256)
+def _host_header(header: tuple[float, ...]) -> Tensor:
+    """A CPU tensor of ``header``, made once per header (a layer sends the same one each step)."""
+    return torch.tensor(header, dtype=torch.float64)
 
 
 def pack_moments(input: Tensor) -> Tensor:
@@ -51,19 +107,17 @@ def pack_moments(input: Tensor) -> Tensor:
     An empty batch sends zeros for its sums (decided from the shape, never from data).
     """
     channels = input.shape[1]
-    count = values_per_channel(input)
+    count = values_per_channel(input.shape)
     header = message.forward_header(channels, count)
     if count == 0:
-        # Zeros computed from the (empty) input rather than constants: under torch.compile a
-        # constant could be shared with another buffer that the in-place collective overwrites.
-        zeros = kernels.empty_batch_sums(input, torch.float64)
-        return kernels.pack(header, [zeros, zeros])
-    dtype = stats_dtype(input)
+        zeros = empty_batch_sums(input, torch.float64)
+        return _pack(header, [zeros, zeros])
+    dtype = stats_dtype(input.dtype)
     # float16/bfloat16: statistics in float32, never accumulated in the input dtype.
-    mean, var = kernels.channel_moments(input if input.dtype == dtype else input.detach().to(dtype))
+    mean, var = local_moments(input if input.dtype == dtype else input.to(dtype))
     mean = mean.to(torch.float64)
     # M2 + n*m^2 = n * (var + m^2), all in float64 (var is promoted).
-    packed = kernels.pack(header, [mean, torch.addcmul(var, mean, mean)])
+    packed = _pack(header, [mean, torch.addcmul(var, mean, mean)])
     packed[message.HEADER_SIZE:].mul_(count)
     return packed
 
@@ -140,7 +194,7 @@ def global_moments(
     """Moments of the batch spread over all participants: one call of ``reducer``, O(C)."""
     total = reduce_message(fn, pack_moments(input.detach()), reducer)
     global_count = check_header(fn, total, input, training)
-    return merge_moments(total, global_count, stats_dtype(input))
+    return merge_moments(total, global_count, stats_dtype(input.dtype))
 
 
 def reduce_message(fn: str, message: Tensor, reducer: Callable[[Tensor], Tensor]) -> Tensor:

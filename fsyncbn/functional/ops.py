@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .checks import check_arguments, check_local_batch_size
+from .checks import check_arguments
 from .paths import composed, cuda_sync, inference, native_local
 from .reducer import LOCAL_REDUCER, Reducer
 from .state import State
@@ -234,17 +234,14 @@ def run_batch_norm(
     :func:`~.checks.check_arguments` (a layer remembers the configuration it validated); the
     checks that depend on the batch's size still run.
     """
-    if not checked:
-        check_arguments(
-            fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
-            eps_mode=eps_mode, reducer=reducer,
-        )
+    check_arguments(
+        fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
+        eps_mode=eps_mode, reducer=reducer, configuration_checked=checked,
+    )
     path = choose_path(
         input, state, weight, bias, training=training, momentum=momentum, reducer=reducer,
         eps_mode=eps_mode,
     )
-    if reducer is None and path != "inference":
-        check_local_batch_size(fn, input)
     if path == "inference":
         assert state is not None
         return inference.infer(input, state, weight, bias, eps, eps_mode, in_place)

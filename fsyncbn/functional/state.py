@@ -74,19 +74,31 @@ def update_factor(
     return 1.0 / (state["num_batches_tracked"] + 1).to(dtype)
 
 
+def _blend(olds: list[Tensor], batches: list[Tensor], factor: float | Tensor) -> list[Tensor]:
+    """``old * (1 - factor) + batch * factor`` for each pair, in the batch's dtype.
+
+    A Python factor goes through one foreach op per step for both statistics (each op is a
+    dispatch on small tensors); a tensor factor through plain ops, which torch.func.vmap
+    batches (foreach ops with a tensor factor have no batching rule). The same element-wise
+    operations either way.
+    """
+    olds = [old.to(batch.dtype) for old, batch in zip(olds, batches, strict=True)]
+    if isinstance(factor, Tensor):
+        return [old * (1 - factor) + batch * factor for old, batch in zip(olds, batches, strict=True)]
+    return list(torch._foreach_add(torch._foreach_mul(olds, 1 - factor), torch._foreach_mul(batches, factor)))
+
+
 def next_state(
     state: Mapping[str, Tensor], batch_mean: Tensor, batch_var_unbiased: Tensor,
     factor: float | Tensor,
 ) -> State:
     """``new = (1 - factor) * old + factor * batch`` for both running stats; count + 1."""
-
-    def blend(old: Tensor, batch: Tensor) -> Tensor:
-        mixed = old.to(batch.dtype) * (1 - factor) + batch * factor
-        return mixed.to(old.dtype)
-
+    mean, var = _blend(
+        [state["running_mean"], state["running_var"]], [batch_mean, batch_var_unbiased], factor
+    )
     return {
-        "running_mean": blend(state["running_mean"], batch_mean),
-        "running_var": blend(state["running_var"], batch_var_unbiased),
+        "running_mean": mean.to(state["running_mean"].dtype),
+        "running_var": var.to(state["running_var"].dtype),
         "num_batches_tracked": state["num_batches_tracked"] + 1,
     }
 
@@ -97,13 +109,18 @@ def update_state_in_place(
 ) -> None:
     """:func:`next_state` written into ``state``'s own tensors (a layer's buffers), with the
     same operations in the same order, so the same bits."""
+    olds = [state["running_mean"], state["running_var"]]
+    batches = [batch_mean, batch_var_unbiased]
     with torch.no_grad():
-        for key, batch in (("running_mean", batch_mean), ("running_var", batch_var_unbiased)):
-            old = state[key]
-            if old.dtype == batch.dtype:
+        if any(old.dtype != batch.dtype for old, batch in zip(olds, batches, strict=True)):
+            for old, new in zip(olds, _blend(olds, batches, factor), strict=True):
+                old.copy_(new)
+        elif isinstance(factor, Tensor):
+            for old, batch in zip(olds, batches, strict=True):
                 old.mul_(1 - factor).add_(batch * factor)
-            else:
-                old.copy_((old.to(batch.dtype) * (1 - factor) + batch * factor).to(old.dtype))
+        else:
+            torch._foreach_mul_(olds, 1 - factor)
+            torch._foreach_add_(olds, torch._foreach_mul(batches, factor))
         state["num_batches_tracked"].add_(1)
 
 

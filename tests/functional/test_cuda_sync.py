@@ -15,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _disable_current_modes
 
+from fsyncbn import SynchronizedBatchNorm2d
 from fsyncbn.functional import LocalReducer, init_state, sync_batch_norm
 from fsyncbn.functional.ops import choose_path, run_batch_norm
 from tests._support.cuda_reference import LaunchCounter, cuda_kernels_on_cpu
 from tests._support.threads import ThreadGroup, raise_first, run_threads
+from tests._support.walk import DRAWN_WALKS, walk
 
 triton = pytest.importorskip("triton")
 
@@ -350,3 +352,13 @@ def test_the_path_stays_off_the_cpu_by_default():
     x = torch.randn(4, 3)
     assert cuda_sync.DEVICE_TYPES == {"cuda"}
     assert _path(x) == "composed"
+
+
+def test_following_the_input_enters_each_module_once(cuda_path_on_cpu):
+    """The layer's forward on this path, as docs/architecture.md draws it (tests/test_walk.py
+    has the other paths)."""
+    layer = SynchronizedBatchNorm2d(6, eps_mode="clamp")
+    x = torch.randn(4, 6, 5, 3)
+    layer(x)  # the first sight rehearses the glue
+    assert cuda_path_on_cpu
+    assert walk(lambda: layer(x), x) == DRAWN_WALKS["cuda_sync"]

@@ -38,8 +38,8 @@ import torch
 from torch import Tensor
 
 from .. import message
-from ..checks import values_per_channel
-from ..moments import reduce_message, stats_dtype
+from ..host import stats_dtype, values_per_channel
+from ..moments import reduce_message
 from ..state import STATE_KEYS, State
 
 # Devices this path serves. The tests add "cpu", with reference CPU implementations of
@@ -70,7 +70,7 @@ def accepts(
     take), running statistics in the statistics dtype (what the glue writes)."""
     if input.device.type not in DEVICE_TYPES or input.dtype not in DTYPES or input.numel() == 0:
         return False
-    dtype = stats_dtype(input)
+    dtype = stats_dtype(input.dtype)
     for t in (weight, bias):
         if t is not None and t.dtype not in (input.dtype, dtype):
             return False
@@ -84,7 +84,7 @@ def _configuration(
 ) -> _Configuration:
     """What selects one compiled variant of the glue on one device."""
     return (
-        str(input.device), stats_dtype(input), state is not None,
+        str(input.device), stats_dtype(input.dtype), state is not None,
         state is not None and momentum is not None, eps_mode == "clamp",
     )
 
@@ -107,7 +107,7 @@ def ready(
         _failed[key] = reason
         warnings.warn(
             f"fsyncbn: the CUDA sync path's Triton kernels failed on {input.device} for "
-            f"{stats_dtype(input)} statistics ({reason}); synchronised batch norm there takes "
+            f"{stats_dtype(input.dtype)} statistics ({reason}); synchronised batch norm there takes "
             "the composed path (correct, more kernel launches). Set FSYNCBN_FUSED=0 to choose "
             "the composed path without trying.", RuntimeWarning, stacklevel=4,
         )
@@ -155,9 +155,9 @@ def train(
     the composed path up to rounding, and its state update: written into ``state``'s tensors
     when ``in_place``, else into new ones."""
     channels = input.shape[1]
-    dtype = stats_dtype(input)
+    dtype = stats_dtype(input.dtype)
     mean, var = torch.batch_norm_update_stats(input, None, None, 0.0)
-    total = reduce_message(fn, _pack(mean, var, values_per_channel(input), channels), reducer)
+    total = reduce_message(fn, _pack(mean, var, values_per_channel(input.shape), channels), reducer)
     clamp = eps_mode == "clamp"
     stats, counts, new_state = _merge(total, state, momentum, eps, clamp, dtype, in_place)
     torch._assert_async(
