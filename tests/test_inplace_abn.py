@@ -14,7 +14,7 @@ from torch import nn
 
 import fsyncbn
 from fsyncbn import ConversionWarning, InPlaceABN, convert_model, revert_model
-from fsyncbn.functional import batch_norm_act, init_state
+from fsyncbn.functional import activated, batch_norm_act, init_state
 from fsyncbn.integrations.timm import SynchronizedBatchNormAct2d, register_norm_act
 from tests._support.distributed import spawn
 from tests._support.reference import float64_training_batch_norm, informative_grad, nearly_constant_channel
@@ -138,6 +138,78 @@ def test_float32_channels_last_matches_the_out_of_place_layer():
         results.append((y.detach(), xi.grad, layer.weight.grad, layer.bias.grad))
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("eps_mode", ["plus", "clamp"])
+@pytest.mark.parametrize("activation,param", ACTIVATIONS, ids=ACT_IDS)
+@pytest.mark.parametrize("reducer", [None, fsyncbn.LocalReducer()], ids=["local", "sync"])
+def test_backward_by_slices_of_the_batch_equals_one_slice(monkeypatch, activation, param, eps_mode, reducer):
+    """Backward recovers the pre-activation slice by slice of dim 0 (its size from the shape
+    only): slices of 2 rows and a shorter last one give the one-slice result to rounding."""
+    x = nearly_constant_channel((7, 3, 5))
+    g = informative_grad(x.shape, x.dtype)
+    results = []
+    for chunk_bytes in (1 << 30, 2 * 3 * 5 * 8):  # one slice; slices of 2, 2, 2, 1 rows
+        monkeypatch.setattr(activated, "_CHUNK_BYTES", chunk_bytes)
+        w, b = _params(3)
+        xi = x.clone().requires_grad_()
+        y, _ = batch_norm_act(xi * 1.0, None, w, b, training=True, reducer=reducer, eps_mode=eps_mode,
+                              activation=activation, activation_param=param)
+        results.append(torch.autograd.grad((y * g).sum(), (xi, w, b)))
+    assert len(activated._batch_slices(x)) == 4
+    for got, expected, name in zip(*results, "xwb", strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_backward_allocates_one_full_size_buffer_the_input_gradient(monkeypatch):
+    """For LeakyReLU, backward writes dy into the input gradient's buffer and recovers the
+    pre-activation into one slice-sized scratch buffer: no other full-size allocation (the
+    peak of a training step). Deterministic: counts the storages that torch ops return."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    monkeypatch.setattr(activated, "_CHUNK_BYTES", 2 * 4 * 6 * 4)  # slices of 2 rows of 8
+    x = torch.randn(8, 4, 6)
+    full = x.numel() * x.element_size()
+
+    class Storages(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return out
+
+    xi = x.clone().requires_grad_()
+    # clone's backward passes the gradient on, allocating nothing.
+    y, _ = batch_norm_act(xi.clone(), None, torch.ones(4, requires_grad=True), torch.zeros(4), training=True)
+    g = torch.randn_like(x)
+    keep = {t.untyped_storage().data_ptr() for t in (y, g)}
+    mode = Storages()
+    with mode:
+        y.backward(g)
+    new = {ptr: size for ptr, size in mode.sizes.items() if ptr not in keep}
+    assert sorted(new.values())[-2:] == [full // 4, full], new  # the scratch, then dx
+    assert xi.grad is not None
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_in_place_affine_of_the_forward_equals_plain_ops(layout):
+    """The forward's per-channel affine runs torch's inference kernel over its own input."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 6)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(3, 4, 6, 5).transpose(2, 3)
+    scale, shift = torch.randn(4), torch.randn(4)
+    expected = x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    out = activated._scale_shift_(x, scale, shift)
+    assert out is x
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_empty_batch_and_no_running_stats():

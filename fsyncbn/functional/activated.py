@@ -8,6 +8,12 @@ normalised input ``xhat = (y - beta) / gamma`` from ``z``, then runs the same sy
 backward as :func:`.ops.sync_batch_norm`: the same 2C sums through the same reducer (after
 Rota Bulò et al., arXiv 1712.02616, and mapillary/inplace_abn).
 
+Backward allocates one full-size tensor, the input gradient: ``dy`` is written into it, and
+``y`` is recovered slice by slice of the batch into a small reused buffer (for the sums, then
+again for dx), so that the layer's backward is not the peak of a training step. ``z`` and the
+incoming gradient are never written: the caller may still hold them, and a second backward
+(``retain_graph=True``) reads ``z`` again.
+
 How the in-place op differs from ``act(batch_norm(x))``, exactly:
 
 - **The weight is kept away from zero** (the affine must be invertible): the op computes with
@@ -129,29 +135,71 @@ def activate(t: Tensor, activation: str, param: float, *, in_place: bool) -> Ten
     return F.elu(t, float(param), inplace=in_place and param >= 0)
 
 
+def _scale_shift_(input: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``input = input * scale + shift`` per channel, in ``input``'s storage."""
+    if not torch.compiler.is_compiling() and input.dtype == scale.dtype and input.numel() > 0:
+        # torch's inference kernel, written over its input (an element-wise map, alias-safe):
+        # one vectorised pass, measured 3x faster on CPU than addcmul with two per-channel
+        # operands, and 1.5x faster than mul_ then add_.
+        zeros = torch.zeros_like(scale)
+        torch.ops.aten.native_batch_norm.out(
+            input, scale, shift, zeros, torch.ones_like(scale), False, 0.0, 0.0,
+            out=input, save_mean=zeros.new_empty(0), save_invstd=zeros.new_empty(0),
+        )
+        return input
+    scale, shift = per_channel(scale, input), per_channel(shift, input)
+    return input.mul_(scale).add_(shift)
+
+
+# Backward works on slices of the batch (dim 0) of about this many bytes, so that its
+# temporaries (the pre-activation) stay small: one full-size buffer, the input gradient, is
+# all it allocates. Chosen from the shape alone.
+_CHUNK_BYTES = 1 << 20
+
+
+def _batch_slices(t: Tensor) -> list[slice]:
+    """Slices of dim 0 of about _CHUNK_BYTES each (one slice under torch.compile, which
+    fuses the element-wise work itself)."""
+    n = t.shape[0]
+    if torch.compiler.is_compiling() or n <= 1:
+        return [slice(0, n)]
+    per_row = max(1, (t.numel() // n) * t.element_size())
+    rows = max(1, _CHUNK_BYTES // per_row)
+    return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+
+def _pre_activation(z: Tensor, activation: str, param: float, out: Tensor | None) -> Tensor:
+    """``act^-1(z)`` (LeakyReLU or ELU), into ``out`` where given (LeakyReLU)."""
+    if activation == "leaky_relu":
+        # act^-1 is the LeakyReLU of slope 1 / slope.
+        if out is None:
+            return F.leaky_relu(z, 1.0 / param)
+        return cast(Tensor, torch.ops.aten.leaky_relu.out(z, 1.0 / param, out=out))
+    # ELU: z = alpha * (exp(y) - 1) for y <= 0, so y = log1p(z / alpha); clamped where
+    # exp(y) - 1 rounded to -1 (saturation), to stay finite.
+    floor = -1.0 + torch.finfo(z.dtype).eps
+    return torch.where(z > 0, z, torch.log1p((z / param).clamp(min=floor)))
+
+
+def _activation_grad(dz: Tensor, z: Tensor, activation: str, param: float, out: Tensor | None) -> Tensor:
+    """``dL/dy`` from ``dL/dz`` and the output ``z`` (LeakyReLU or ELU), into ``out`` if given."""
+    if activation == "leaky_relu":
+        # act' reads the (sign-preserving) output.
+        if out is None:
+            return cast(Tensor, torch.ops.aten.leaky_relu_backward(dz, z, param, True))
+        return cast(Tensor, torch.ops.aten.leaky_relu_backward.grad_input(dz, z, param, True, grad_input=out))
+    if out is None:
+        return cast(Tensor, torch.ops.aten.elu_backward(dz, param, 1, 1, True, z))
+    return cast(Tensor, torch.ops.aten.elu_backward.grad_input(dz, param, 1, 1, True, z, grad_input=out))
+
+
 def invert_activation(z: Tensor, grad_z: Tensor, activation: str, param: float) -> tuple[Tensor, Tensor]:
     """``(y, dy)``: the pre-activation ``y = act^-1(z)`` and ``dL/dy`` from ``dL/dz``, both
     computed from the output ``z`` alone."""
     if activation == "identity":
         return z, grad_z
-    if activation == "leaky_relu":
-        # act^-1 is the LeakyReLU of slope 1 / slope; act' reads the (sign-preserving) output.
-        y = F.leaky_relu(z, 1.0 / param)
-        return y, torch.ops.aten.leaky_relu_backward(grad_z, z, param, True)
-    # ELU: z = alpha * (exp(y) - 1) for y <= 0, so y = log1p(z / alpha); clamped where
-    # exp(y) - 1 rounded to -1 (saturation), to stay finite.
-    floor = -1.0 + torch.finfo(z.dtype).eps
-    y = torch.where(z > 0, z, torch.log1p((z / param).clamp(min=floor)))
-    return y, torch.ops.aten.elu_backward(grad_z, param, 1, 1, True, z)
-
-
-def _scale_shift_(input: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``input = input * scale + shift`` per channel, in ``input``'s storage."""
-    scale, shift = per_channel(scale, input), per_channel(shift, input)
-    if torch.compiler.is_compiling():
-        return input.mul_(scale).add_(shift)
-    # One pass: TensorIterator allows an output that is exactly one of the inputs.
-    return torch.addcmul(shift, input, scale, out=input)
+    return (_pre_activation(z, activation, param, None),
+            _activation_grad(grad_z, z, activation, param, None))
 
 
 class InPlaceABN(torch.autograd.Function):
@@ -194,21 +242,12 @@ class InPlaceABN(torch.autograd.Function):
         output, weight, bias, mean, var, var_follows_batch, *saved_count = ctx.saved_tensors
         count = ctx.host_count if ctx.host_count is not None else saved_count[0]
         dtype = stats_dtype(output.dtype)
-        channels = output.shape[1]
         gamma = (torch.ones_like(mean) if weight is None
                  else _clamp_magnitude(weight.to(dtype), ctx.weight_floor))
         beta = torch.zeros_like(mean) if bias is None else bias.to(dtype)
         invstd = torch.rsqrt(var + ctx.eps)
-        scale = invstd * gamma  # d y / d x at fixed statistics
-        empty = values_per_channel(output.shape) == 0
-        y = dy = None
-        if not empty:
-            z = output if output.dtype == dtype else output.to(dtype)
-            dz = grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
-            y, dy = invert_activation(z, dz, ctx.activation, ctx.param)
         grad_input, sum_dy, sum_dy_xhat = _synchronized_backward(
-            ctx, grad_output, output, y, dy, gamma, beta, invstd, scale, var_follows_batch, count,
-            channels, dtype,
+            ctx, grad_output, output, gamma, beta, invstd, var_follows_batch, count, dtype,
         )
         grad_weight = grad_bias = None
         if weight is not None and ctx.needs_input_grad[1]:
@@ -219,50 +258,114 @@ class InPlaceABN(torch.autograd.Function):
 
 
 def _synchronized_backward(
-    ctx: Any, grad_output: Tensor, output: Tensor, y: Tensor | None, dy: Tensor | None, gamma: Tensor,
-    beta: Tensor, invstd: Tensor, scale: Tensor, var_follows_batch: Tensor | None,
-    count: Tensor | float, channels: int, dtype: torch.dtype,
+    ctx: Any, grad_output: Tensor, output: Tensor, gamma: Tensor, beta: Tensor, invstd: Tensor,
+    var_follows_batch: Tensor | None, count: Tensor | float, dtype: torch.dtype,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
-    """The synchronised backward of :class:`.normalize.SyncNormalize`, from ``y`` and ``dy``:
+    """The synchronised backward of :class:`.normalize.SyncNormalize`, from the output ``z``:
     local ``(sum dy, sum dy * xhat)``, one reducer call (the local reducer for one
-    participant), then dx in two passes, written into ``y`` where ``y`` is this backward's own
-    temporary (one full-size buffer fewer at the peak of backward)."""
-    if y is None or dy is None:
+    participant), then dx.
+
+    With ``y = act^-1(z)``, ``xhat = (y - beta) / gamma`` and ``dy = act'(y) * dz``, dx is
+    ``scale * dy + w * xhat + b`` per channel. For LeakyReLU and ELU, ``dy`` is written
+    straight into the input gradient's buffer, and ``y`` is recomputed slice by slice of the
+    batch (once for the sums, once for dx): the only full-size allocation is dx itself, where
+    recovering ``y`` and ``dy`` whole would hold two more (the peak of a training step).
+    """
+    channels = output.shape[1]
+    scale = invstd * gamma  # d y / d x at fixed statistics
+    needs_input = ctx.needs_input_grad[0]
+    empty = values_per_channel(output.shape) == 0
+    same_dtype = output.dtype == dtype and grad_output.dtype == dtype
+    identity = ctx.activation == "identity"
+    dy_buffer = None
+    if empty:
         # Zeros computed from grad_output, so that a compiled backward keeps the collective
         # in the backward graph (as SyncNormalize).
         zeros = empty_batch_sums(grad_output, dtype)
         local_sum_dy = local_sum_dy_xhat = zeros
-        local_sums = torch.cat([zeros, zeros])
     else:
         # torch's backward kernel with "mean" beta and "invstd" 1 / gamma: its sum of
         # dy * (y - beta) / gamma is sum dy * xhat.
-        local_sum_dy, local_sum_dy_xhat = backward_sums(dy, y, None, beta, gamma.reciprocal(), 0.0)
-        local_sum_dy, local_sum_dy_xhat = local_sum_dy.to(dtype), local_sum_dy_xhat.to(dtype)
-        # The wire format's backward message (see .message): sum dy * (x - mean).
-        local_sums = torch.cat([local_sum_dy, local_sum_dy_xhat / invstd])
+        inverse_gamma = gamma.reciprocal()
+        if identity:
+            z = output if output.dtype == dtype else output.to(dtype)
+            dz = grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
+            sums = [backward_sums(dz, z, None, beta, inverse_gamma, 0.0)]
+        else:
+            if needs_input:
+                dy_buffer = torch.empty_like(output, dtype=dtype)
+            slices = _batch_slices(output)
+            scratch = _scratch(output, slices[0], dtype, ctx.activation)
+            sums = []
+            for rows in slices:
+                z, dz = output[rows], grad_output[rows]
+                if not same_dtype:
+                    z, dz = z.to(dtype), dz.to(dtype)
+                out = None if dy_buffer is None else dy_buffer[rows]
+                dy = _activation_grad(dz, z, ctx.activation, ctx.param, out)
+                y = _pre_activation(z, ctx.activation, ctx.param, _rows_of(scratch, z))
+                sums.append(backward_sums(dy, y, None, beta, inverse_gamma, 0.0))
+                # Freed before the next slice's are made: at most one slice's temporaries.
+                del z, dz, dy, y
+        local_sum_dy = _total([s[0] for s in sums], dtype)
+        local_sum_dy_xhat = _total([s[1] for s in sums], dtype)
+    # The wire format's backward message (see .message): sum dy * (x - mean).
+    local_sums = torch.cat([local_sum_dy, local_sum_dy_xhat / invstd])
     # Every participant calls the reducer, also with an empty batch.
     global_sums = (ctx.reducer or LOCAL_REDUCER)(local_sums)
-    grad_input = None
-    if ctx.needs_input_grad[0]:
-        # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)) with the global means, as
-        # SyncNormalize: xhat * w + b + dy * scale, with xhat = (y - beta) / gamma.
-        minus_scale_over_n = scale / -at_least(as_dtype(count, dtype), 1.0)
-        coefficients = global_sums.reshape(2, channels) * minus_scale_over_n
-        # mean(dy * xhat) = invstd * mean(dy * (x - mean)); clamp mode drops the xhat term.
-        coefficients[1].mul_(invstd if var_follows_batch is None else invstd * var_follows_batch)
-        b, w = coefficients.unbind()
-        if y is None or dy is None:
-            grad_input = torch.zeros_like(grad_output)
-        else:
-            slope = w / gamma
-            if ctx.activation == "identity" and output.dtype == dtype:  # y is the saved output itself
-                ones = torch.ones_like(gamma)
-                grad_input = normalized_affine(y, slope, b, beta, ones, ones, 0.0)
+    if not needs_input:
+        return None, local_sum_dy, local_sum_dy_xhat
+    # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)) with the global means, as
+    # SyncNormalize: xhat * w + b + dy * scale, with xhat = (y - beta) / gamma.
+    minus_scale_over_n = scale / -at_least(as_dtype(count, dtype), 1.0)
+    coefficients = global_sums.reshape(2, channels) * minus_scale_over_n
+    # mean(dy * xhat) = invstd * mean(dy * (x - mean)); clamp mode drops the xhat term.
+    coefficients[1].mul_(invstd if var_follows_batch is None else invstd * var_follows_batch)
+    b, w = coefficients.unbind()
+    if empty:
+        return torch.zeros_like(grad_output), local_sum_dy, local_sum_dy_xhat
+    slope = w / gamma
+    if identity:
+        ones = torch.ones_like(gamma)
+        grad_input = normalized_affine(z, slope, b, beta, ones, ones, 0.0)
+        grad_input = grad_input.addcmul_(dz, per_channel(scale, grad_input))
+    else:
+        grad_input = cast(Tensor, dy_buffer)
+        shift = b - beta * slope
+        for rows in slices:
+            z = output[rows] if same_dtype else output[rows].to(dtype)
+            part = grad_input[rows]
+            # w * xhat + b, in the pre-activation's own (temporary) storage, then + scale * dy.
+            y = _pre_activation(z, ctx.activation, ctx.param, _rows_of(scratch, z))
+            affine = _scale_shift_(y, slope, shift)
+            if torch.compiler.is_compiling():
+                part.mul_(per_channel(scale, part)).add_(affine)
             else:
-                grad_input = _scale_shift_(y, slope, b - beta * slope)
-            grad_input = grad_input.addcmul_(dy, per_channel(scale, y))
-            grad_input = grad_input.to(grad_output.dtype)
-    return grad_input, local_sum_dy, local_sum_dy_xhat
+                # One pass: TensorIterator allows an output that is exactly one of the inputs.
+                torch.addcmul(affine, part, per_channel(scale, part), out=part)
+            del z, part, y, affine
+    return grad_input.to(grad_output.dtype), local_sum_dy, local_sum_dy_xhat
+
+
+def _scratch(output: Tensor, rows: slice, dtype: torch.dtype, activation: str) -> Tensor | None:
+    """One slice's buffer for the pre-activation, reused by every slice (LeakyReLU in eager
+    mode: no allocation, and no fresh pages to fault in, per slice)."""
+    if activation != "leaky_relu" or torch.compiler.is_compiling():
+        return None
+    return torch.empty_like(output[rows], dtype=dtype)
+
+
+def _rows_of(scratch: Tensor | None, like: Tensor) -> Tensor | None:
+    """The first rows of ``scratch`` shaped as ``like`` (a shorter last slice)."""
+    return None if scratch is None else scratch[: like.shape[0]]
+
+
+def _total(parts: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """The sum of per-slice (C,) sums, in ``dtype``."""
+    total = parts[0].to(dtype)
+    for part in parts[1:]:
+        total = total + part.to(dtype)
+    return total
 
 
 # See normalize.py; __signature__ is not in typeshed.

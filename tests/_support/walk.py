@@ -27,7 +27,7 @@ DRAWN_WALKS = {
     "composed": "modules → ops → checks → paths.cuda_sync → paths.composed → moments → normalize",
     "cuda_sync": "modules → ops → checks → paths.cuda_sync",
     "composed, the op": "ops → checks → paths.cuda_sync → paths.composed → moments → normalize",
-    "InPlaceABN": "modules → inplace_abn → activated → checks → moments → normalize",
+    "InPlaceABN": "modules → inplace_abn → activated → checks → moments",
 }
 
 
