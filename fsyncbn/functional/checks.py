@@ -77,77 +77,58 @@ def check_arguments(
     depends on the batch's size runs again.
     """
     if not configuration_checked:
-        _check_configuration(
-            fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
-            eps_mode=eps_mode, reducer=reducer,
-        )
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{fn}: expected input to be a torch.Tensor, got {type(input).__name__}")
+        if input.dim() < 2:
+            raise ValueError(
+                f"{fn}: expected input of shape (N, C, *) with at least 2 dimensions, "
+                f"got shape {shape_str(input.shape)}"
+            )
+        if not input.is_floating_point():
+            raise TypeError(f"{fn}: expected a floating-point input, got dtype {input.dtype}")
+        if not isinstance(training, bool):
+            raise TypeError(f"{fn}: expected training to be a bool, got {training!r}")
+        if isinstance(reducer, type):
+            raise TypeError(
+                f"{fn}: expected reducer to be a reducer instance, got the class {reducer.__name__}; "
+                f"pass {reducer.__name__}() instead"
+            )
+        if reducer is not None and not callable(reducer):
+            raise TypeError(
+                f"{fn}: expected reducer to be a callable reducer(t) -> sum of t over all "
+                f"participants, got {type(reducer).__name__}"
+            )
+        check_hyperparameters(fn, momentum, eps, eps_mode)
+        if float(eps) == 0.0 and (training or state is None):
+            raise ValueError(
+                f"{fn}: expected eps > 0 when normalising with batch statistics, got {eps!r}"
+            )
+        if state is not None:
+            if not isinstance(state, Mapping):
+                raise TypeError(
+                    f"{fn}: expected state to be a dict with keys {', '.join(STATE_KEYS)} "
+                    f"(see init_state) or None, got {type(state).__name__}"
+                )
+            for key in STATE_KEYS:
+                if key not in state:
+                    raise ValueError(
+                        f"{fn}: state is missing {key!r}; expected keys {', '.join(STATE_KEYS)} "
+                        "(see init_state)"
+                    )
+            _check_per_channel(fn, "state['running_mean']", state["running_mean"], input)
+            _check_per_channel(fn, "state['running_var']", state["running_var"], input)
+            if not isinstance(state["num_batches_tracked"], Tensor):
+                raise TypeError(
+                    f"{fn}: expected state['num_batches_tracked'] to be a torch.Tensor, "
+                    f"got {type(state['num_batches_tracked']).__name__}"
+                )
+        if weight is not None:
+            _check_per_channel(fn, "weight", weight, input)
+        if bias is not None:
+            _check_per_channel(fn, "bias", bias, input)
     if reducer is None and (training or state is None):
         # Batch statistics without synchronisation (training, or eval without running stats).
         check_local_batch_size(fn, input)
-
-
-def _check_configuration(
-    fn: str,
-    input: Tensor,
-    state: Mapping[str, Tensor] | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    *,
-    training: bool,
-    momentum: float | None,
-    eps: float,
-    eps_mode: str,
-    reducer: object,
-) -> None:
-    if not isinstance(input, Tensor):
-        raise TypeError(f"{fn}: expected input to be a torch.Tensor, got {type(input).__name__}")
-    if input.dim() < 2:
-        raise ValueError(
-            f"{fn}: expected input of shape (N, C, *) with at least 2 dimensions, "
-            f"got shape {shape_str(input.shape)}"
-        )
-    if not input.is_floating_point():
-        raise TypeError(f"{fn}: expected a floating-point input, got dtype {input.dtype}")
-    if not isinstance(training, bool):
-        raise TypeError(f"{fn}: expected training to be a bool, got {training!r}")
-    if isinstance(reducer, type):
-        raise TypeError(
-            f"{fn}: expected reducer to be a reducer instance, got the class {reducer.__name__}; "
-            f"pass {reducer.__name__}() instead"
-        )
-    if reducer is not None and not callable(reducer):
-        raise TypeError(
-            f"{fn}: expected reducer to be a callable reducer(t) -> sum of t over all "
-            f"participants, got {type(reducer).__name__}"
-        )
-    check_hyperparameters(fn, momentum, eps, eps_mode)
-    if float(eps) == 0.0 and (training or state is None):
-        raise ValueError(
-            f"{fn}: expected eps > 0 when normalising with batch statistics, got {eps!r}"
-        )
-    if state is not None:
-        if not isinstance(state, Mapping):
-            raise TypeError(
-                f"{fn}: expected state to be a dict with keys {', '.join(STATE_KEYS)} "
-                f"(see init_state) or None, got {type(state).__name__}"
-            )
-        for key in STATE_KEYS:
-            if key not in state:
-                raise ValueError(
-                    f"{fn}: state is missing {key!r}; expected keys {', '.join(STATE_KEYS)} "
-                    "(see init_state)"
-                )
-        _check_per_channel(fn, "state['running_mean']", state["running_mean"], input)
-        _check_per_channel(fn, "state['running_var']", state["running_var"], input)
-        if not isinstance(state["num_batches_tracked"], Tensor):
-            raise TypeError(
-                f"{fn}: expected state['num_batches_tracked'] to be a torch.Tensor, "
-                f"got {type(state['num_batches_tracked']).__name__}"
-            )
-    if weight is not None:
-        _check_per_channel(fn, "weight", weight, input)
-    if bias is not None:
-        _check_per_channel(fn, "bias", bias, input)
 
 
 def check_local_batch_size(fn: str, input: Tensor) -> None:
