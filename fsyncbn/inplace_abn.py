@@ -57,6 +57,8 @@ class InPlaceABN(SynchronizedBatchNormBase):
 
     __jit_ignored_attributes__ = [*SynchronizedBatchNormBase.__jit_ignored_attributes__, "_fold_origin"]
 
+    _dims = (2, 99, "at least 2D", "InPlaceABN")  # any rank from 2, as SyncBatchNorm
+
     def __init__(
         self,
         num_features: int,
@@ -85,10 +87,6 @@ class InPlaceABN(SynchronizedBatchNormBase):
         # Set by convert_model(fuse_activations=True): what revert_model restores.
         # A fsyncbn.convert.FoldOrigin (not imported: convert imports this module).
         self._fold_origin: Optional[Any] = None  # noqa: UP045
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     @torch.jit.unused
     def _batch_norm_op(

@@ -126,8 +126,6 @@ def rank_error(cls_name: str, expected: str, dim: int) -> str:
     return f"{cls_name}: expected {expected} input (got {dim}D input); {fix}"
 
 
-
-
 def labelled(exc: BaseException, layer: nn.Module) -> BaseException:
     """``exc`` as ``layer`` raises it: a TypeError/ValueError (a check) names the layer in place
     of the op, with the fix; a SynchronizationError not yet naming the layer gets its name;

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fsyncbn
-from fsyncbn.functional import init_state, sync_batch_norm
+from fsyncbn.functional import checks, host, init_state, ops, sync_batch_norm
 from fsyncbn.functional.reducer import LocalReducer
 from tests._support.walk import DRAWN_WALKS, module_entries, stays, walk
 
@@ -59,18 +59,33 @@ def test_following_the_input_visits_each_module_once(name):
 
 
 def test_the_walk_sees_a_second_visit():
-    """The walk counts a return to a module already left (a call with a view of the input)."""
+    """A return to a module already left counts (a call with a view of the input), and so do
+    back-to-back calls into one module that ONE_STAY does not list."""
     x = torch.randn(4, 3)
 
     def twice():
-        from fsyncbn.functional import host
         host.empty_batch_sums(x[:1], torch.float64)
-        fsyncbn.functional.ops.choose_path(x, None, None, None, training=True, momentum=0.1,
-                                           reducer=None, eps_mode="plus")
+        ops.choose_path(x, None, None, None, training=True, momentum=0.1, reducer=None,
+                        eps_mode="plus")
         host.empty_batch_sums(x, torch.float64)
 
-    walk = stays(module_entries(twice, x))
-    assert walk == ["fsyncbn.functional.host", "fsyncbn.functional.ops", "fsyncbn.functional.host"]
+    assert stays(module_entries(twice, x)) == [
+        "fsyncbn.functional.host", "fsyncbn.functional.ops", "fsyncbn.functional.host"]
+
+    def checks_twice():
+        checks.check_local_batch_size("f", x)
+        checks.check_local_batch_size("f", x)
+
+    with pytest.raises(AssertionError, match="entered twice"):
+        walk(checks_twice, x)
+
+
+def test_one_step_of_torch_and_of_the_router_is_one_stay():
+    entries = [("fsyncbn.functional.ops", "run_batch_norm"),
+               ("fsyncbn.functional.paths.cuda_sync", "accepts"),
+               ("fsyncbn.functional.paths.cuda_sync", "ready"),
+               ("fsyncbn.functional.paths.cuda_sync", "train")]
+    assert stays(entries) == ["fsyncbn.functional.ops", "fsyncbn.functional.paths.cuda_sync"]
 
 
 def test_the_architecture_page_draws_these_walks():

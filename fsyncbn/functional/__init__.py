@@ -7,11 +7,10 @@ returns the element-wise sum of its argument over all participants.
 The rooms: :mod:`.ops` (the public ops and the one router), :mod:`.paths` (one file per path:
 inference, native local, composed sync, CUDA sync), :mod:`.state` (the state and its update
 rule), :mod:`.checks` (argument checks), :mod:`.message` (the wire format), :mod:`.agreement`
-(what participants must agree on), :mod:`.moments` (statistics and their merge),
-:mod:`.normalize` (normalisation and the composed synchronised backward), :mod:`.kernels`
-(torch's native and private ops, custom ops, eager/compiled dispatch), :mod:`.host` (host
-numbers and tensors alike), :mod:`.reducer` (the reducer contract), :mod:`.activated`
-(in-place activated batch norm).
+(what participants must agree on), :mod:`.moments` (statistics, their kernel and their merge),
+:mod:`.normalize` (normalisation and the composed synchronised backward), :mod:`.host`
+(small helpers of dtypes, shapes and host numbers), :mod:`.reducer` (the reducer contract),
+:mod:`.activated` (in-place activated batch norm). Each math room chooses its own kernels.
 """
 
 from .activated import Activation, batch_norm_act

@@ -8,7 +8,8 @@ normalised input ``xhat = (y - beta) / gamma`` from ``z``, then runs the same sy
 backward as :func:`.ops.sync_batch_norm`: the same 2C sums through the same reducer (after
 Rota Bulò et al., arXiv 1712.02616, and mapillary/inplace_abn).
 
-Backward allocates one full-size tensor, the input gradient: ``dy`` is written into it, and
+Backward allocates one full-size tensor for float32/float64 input, the input gradient (for
+float16/bfloat16 input it is computed in float32 and cast: two): ``dy`` is written into it, and
 ``y`` is recovered slice by slice of the batch into a small reused buffer (for the sums, then
 again for dx), so that the layer's backward is not the peak of a training step. ``z`` and the
 incoming gradient are never written: the caller may still hold them, and a second backward
@@ -137,10 +138,14 @@ def activate(t: Tensor, activation: str, param: float, *, in_place: bool) -> Ten
 
 def _scale_shift_(input: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``input = input * scale + shift`` per channel, in ``input``'s storage."""
-    if not torch.compiler.is_compiling() and input.dtype == scale.dtype and input.numel() > 0:
+    if (
+        not torch.compiler.is_compiling() and input.numel() > 0
+        and scale.dtype in (input.dtype, stats_dtype(input.dtype))
+    ):
         # torch's inference kernel, written over its input (an element-wise map, alias-safe):
         # one vectorised pass, measured 3x faster on CPU than addcmul with two per-channel
-        # operands, and 1.5x faster than mul_ then add_.
+        # operands, and 1.5x faster than mul_ then add_. float16/bfloat16 input runs in its
+        # mixed mode (float32 parameters): computed in float32, rounded once.
         zeros = torch.zeros_like(scale)
         torch.ops.aten.native_batch_norm.out(
             input, scale, shift, zeros, torch.ones_like(scale), False, 0.0, 0.0,
@@ -163,7 +168,8 @@ def _batch_slices(t: Tensor) -> list[slice]:
     n = t.shape[0]
     if torch.compiler.is_compiling() or n <= 1:
         return [slice(0, n)]
-    per_row = max(1, (t.numel() // n) * t.element_size())
+    # The temporaries are in the statistics dtype (float32 for float16/bfloat16 input).
+    per_row = max(1, (t.numel() // n) * stats_dtype(t.dtype).itemsize)
     rows = max(1, _CHUNK_BYTES // per_row)
     return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
 
@@ -191,15 +197,6 @@ def _activation_grad(dz: Tensor, z: Tensor, activation: str, param: float, out: 
     if out is None:
         return cast(Tensor, torch.ops.aten.elu_backward(dz, param, 1, 1, True, z))
     return cast(Tensor, torch.ops.aten.elu_backward.grad_input(dz, param, 1, 1, True, z, grad_input=out))
-
-
-def invert_activation(z: Tensor, grad_z: Tensor, activation: str, param: float) -> tuple[Tensor, Tensor]:
-    """``(y, dy)``: the pre-activation ``y = act^-1(z)`` and ``dL/dy`` from ``dL/dz``, both
-    computed from the output ``z`` alone."""
-    if activation == "identity":
-        return z, grad_z
-    return (_pre_activation(z, activation, param, None),
-            _activation_grad(grad_z, z, activation, param, None))
 
 
 class InPlaceABN(torch.autograd.Function):
@@ -465,24 +462,22 @@ def run_batch_norm_act(
     """:func:`batch_norm_act` for a layer: ``state_in_place`` and ``checked`` as
     :func:`.ops.run_batch_norm`'s ``in_place`` and ``checked`` (the layer's buffers are
     written; its configuration was checked before)."""
-    check_activation(fn, activation, activation_param, in_place)
-    param = float(activation_param)
-    if not (in_place and training):
-        if in_place and isinstance(weight, Tensor) and weight.is_floating_point():
-            # The same function as in training. Anything that is not a floating-point tensor
-            # goes on unchanged, for run_batch_norm's checks to name.
-            weight = effective_weight(weight, float(eps))
-        output, new_state = run_batch_norm(
-            fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
-            reducer=reducer, eps_mode=eps_mode, in_place=state_in_place, checked=checked,
-        )
-        # The norm's output is fresh and its backward does not read it: activate in place.
-        return activate(output, activation, param, in_place=True), new_state
-    # Training needs more than one value per channel without a reducer: checked here too.
     check_arguments(
         fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
         eps_mode=eps_mode, reducer=reducer, configuration_checked=checked,
     )
+    check_activation(fn, activation, activation_param, in_place)
+    param = float(activation_param)
+    if not (in_place and training):
+        if in_place and weight is not None:
+            weight = effective_weight(weight, float(eps))  # the same function as in training
+        output, new_state = run_batch_norm(
+            fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
+            reducer=reducer, eps_mode=eps_mode, in_place=state_in_place, checked=True,
+            batch_checked=True,
+        )
+        # The norm's output is fresh and its backward does not read it: activate in place.
+        return activate(output, activation, param, in_place=True), new_state
     if input.is_leaf and input.requires_grad:
         raise ValueError(
             f"{fn}: in_place=True overwrites the input, which is a leaf tensor that requires grad "

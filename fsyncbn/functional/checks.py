@@ -84,6 +84,11 @@ def check_arguments(
                 f"{fn}: expected input of shape (N, C, *) with at least 2 dimensions, "
                 f"got shape {shape_str(input.shape)}"
             )
+        if input.shape[1] == 0:
+            raise ValueError(
+                f"{fn}: expected input with at least one channel (C > 0), "
+                f"got shape {shape_str(input.shape)}"
+            )
         if not input.is_floating_point():
             raise TypeError(f"{fn}: expected a floating-point input, got dtype {input.dtype}")
         if not isinstance(training, bool):

@@ -167,12 +167,12 @@ class SyncNormalize(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
-
 # torch's Function.apply binds the arguments to forward's signature on every call; a
 # signature stored on the function (PEP 362) spares it rebuilding one each time.
 SyncNormalize.forward.__signature__ = inspect.signature(  # type: ignore[attr-defined]  # not in typeshed
     SyncNormalize.forward
 )
+
 
 # --- the kernel of each pass ------------------------------------------------------------
 

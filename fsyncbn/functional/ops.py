@@ -223,6 +223,7 @@ def run_batch_norm(
     eps_mode: str,
     in_place: bool = False,
     checked: bool = False,
+    batch_checked: bool = False,
 ) -> tuple[Tensor, State | None]:
     """Check the arguments, then run the path :func:`choose_path` names.
 
@@ -232,12 +233,15 @@ def run_batch_norm(
 
     ``checked``: the caller has already passed these very arguments through
     :func:`~.checks.check_arguments` (a layer remembers the configuration it validated); the
-    checks that depend on the batch's size still run.
+    checks that depend on the batch's size still run, unless ``batch_checked``: the caller
+    has just run them on this very input (an op built on this one, such as
+    :func:`.activated.batch_norm_act`).
     """
-    check_arguments(
-        fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
-        eps_mode=eps_mode, reducer=reducer, configuration_checked=checked,
-    )
+    if not (checked and batch_checked):
+        check_arguments(
+            fn, input, state, weight, bias, training=training, momentum=momentum, eps=eps,
+            eps_mode=eps_mode, reducer=reducer, configuration_checked=checked,
+        )
     path = choose_path(
         input, state, weight, bias, training=training, momentum=momentum, reducer=reducer,
         eps_mode=eps_mode,

@@ -74,31 +74,23 @@ def update_factor(
     return 1.0 / (state["num_batches_tracked"] + 1).to(dtype)
 
 
-def _blend(olds: list[Tensor], batches: list[Tensor], factor: float | Tensor) -> list[Tensor]:
-    """``old * (1 - factor) + batch * factor`` for each pair, in the batch's dtype.
-
-    A Python factor goes through one foreach op per step for both statistics (each op is a
-    dispatch on small tensors); a tensor factor through plain ops, which torch.func.vmap
-    batches (foreach ops with a tensor factor have no batching rule). The same element-wise
-    operations either way.
-    """
-    olds = [old.to(batch.dtype) for old, batch in zip(olds, batches, strict=True)]
-    if isinstance(factor, Tensor):
-        return [old * (1 - factor) + batch * factor for old, batch in zip(olds, batches, strict=True)]
-    return list(torch._foreach_add(torch._foreach_mul(olds, 1 - factor), torch._foreach_mul(batches, factor)))
+def _blend(old: Tensor, batch: Tensor, factor: float | Tensor) -> Tensor:
+    """``old * (1 - factor) + batch * factor`` in the batch's dtype."""
+    return old.to(batch.dtype) * (1 - factor) + batch * factor
 
 
 def next_state(
     state: Mapping[str, Tensor], batch_mean: Tensor, batch_var_unbiased: Tensor,
     factor: float | Tensor,
 ) -> State:
-    """``new = (1 - factor) * old + factor * batch`` for both running stats; count + 1."""
-    mean, var = _blend(
-        [state["running_mean"], state["running_var"]], [batch_mean, batch_var_unbiased], factor
-    )
+    """``new = (1 - factor) * old + factor * batch`` for both running stats; count + 1.
+
+    Plain ops, which torch.func transforms batch (foreach ops have no batching rule).
+    """
+    mean, var = state["running_mean"], state["running_var"]
     return {
-        "running_mean": mean.to(state["running_mean"].dtype),
-        "running_var": var.to(state["running_var"].dtype),
+        "running_mean": _blend(mean, batch_mean, factor).to(mean.dtype),
+        "running_var": _blend(var, batch_var_unbiased, factor).to(var.dtype),
         "num_batches_tracked": state["num_batches_tracked"] + 1,
     }
 
@@ -108,13 +100,15 @@ def update_state_in_place(
     factor: float | Tensor,
 ) -> None:
     """:func:`next_state` written into ``state``'s own tensors (a layer's buffers), with the
-    same operations in the same order, so the same bits."""
+    same element-wise operations in the same order, so the same bits. With a Python factor,
+    both statistics go through one foreach op per step (each op is a dispatch on small
+    tensors, a cost per layer step on the eager CPU path)."""
     olds = [state["running_mean"], state["running_var"]]
     batches = [batch_mean, batch_var_unbiased]
     with torch.no_grad():
         if any(old.dtype != batch.dtype for old, batch in zip(olds, batches, strict=True)):
-            for old, new in zip(olds, _blend(olds, batches, factor), strict=True):
-                old.copy_(new)
+            for old, batch in zip(olds, batches, strict=True):
+                old.copy_(_blend(old, batch, factor))
         elif isinstance(factor, Tensor):
             for old, batch in zip(olds, batches, strict=True):
                 old.mul_(1 - factor).add_(batch * factor)
