@@ -81,12 +81,17 @@ def _ddp_compiled(rank, world_size):
     eager_model = copy.deepcopy(base)
     eager = train(DDP(eager_model), eager_model)
     inner = copy.deepcopy(base)
-    compiled_inner = torch.compile(inner, fullgraph=True)
+    # What DDP adds to a compiled model is checked here on AOTAutograd's whole forward and
+    # backward graphs ("aot_eager"): the layers' collectives inside them, and DDP's gradient
+    # hooks on the compiled backward. Inductor's code for these layers is checked in
+    # tests/test_compile_modules.py, and with a collective inside the graph over gloo in
+    # tests/functional/test_distributed.py; compiling it again in both ranks here cost about
+    # a minute of a cold suite.
+    compiled_inner = torch.compile(inner, fullgraph=True, backend="aot_eager")
     assert torch._dynamo.explain(copy.deepcopy(base))(batches[0][:2]).graph_break_count == 0
     compiled = train(DDP(compiled_inner), inner)
     outer_model = copy.deepcopy(base)
-    # Not fullgraph: DDP's logger breaks. DDP's graph splitting at bucket boundaries is what this
-    # checks; Inductor's code for this model is checked just above.
+    # Not fullgraph: DDP's logger breaks. DDP's graph splitting at bucket boundaries.
     outer = train(torch.compile(DDP(outer_model), backend="aot_eager"), outer_model)
     for result in (compiled, outer):
         for got, want in zip(result[0] + result[1] + result[2], eager[0] + eager[1] + eager[2], strict=True):
