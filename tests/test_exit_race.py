@@ -26,13 +26,16 @@ from tests._support.distributed import launch_ranks, spawn, unclean_exits
 
 pytestmark = pytest.mark.distributed
 
-RUNS = 2  # the hold forces the race every run (before the drain, every run aborted)
+# Runs per variant: before the drain the hold made backward and join abort in 5 of 5 runs and
+# forward in 4 of 5, so one run catches a regression of the first two and two runs (0.96) of
+# the third.
+RUNS = {"forward": 2, "backward": 1, "join": 1}
 
 
-@pytest.mark.parametrize("variant", ["forward", "backward", "join"])
+@pytest.mark.parametrize("variant", list(RUNS))
 def test_a_held_up_gloo_worker_does_not_abort_the_exit(variant):
     failures = []
-    for run in range(RUNS):
+    for run in range(RUNS[variant]):
         failures += [f"run {run}: {f}" for f in unclean_exits(
             launch_ranks(["tests._scripts.exit_race", variant], timeout_s=90))]
     assert not failures, "\n".join(failures)
