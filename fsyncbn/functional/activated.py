@@ -59,10 +59,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import check_arguments
-from .host import as_dtype, at_least, empty_batch_sums, participation, stats_dtype, values_per_channel
+from .host import empty_batch_sums, participation, stats_dtype, values_per_channel
 from .moments import global_moments
 from .normalize import (
+    backward_message,
     backward_sums,
+    input_gradient_terms,
     normalization_terms,
     normalized_affine,
     per_channel,
@@ -136,8 +138,19 @@ def activate(t: Tensor, activation: str, param: float, *, in_place: bool) -> Ten
     return F.elu(t, float(param), inplace=in_place and param >= 0)
 
 
-def _scale_shift_(input: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``input = input * scale + shift`` per channel, in ``input``'s storage."""
+def _unit_statistics(like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean 0 and variance 1 per channel (and the empty outputs the kernel asks for): torch's
+    inference kernel with these computes ``x * weight + bias``."""
+    zeros = torch.zeros_like(like)
+    return zeros, torch.ones_like(like), zeros.new_empty(0), zeros.new_empty(0)
+
+
+def _scale_shift_(
+    input: Tensor, scale: Tensor, shift: Tensor,
+    unit: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+) -> Tensor:
+    """``input = input * scale + shift`` per channel, in ``input``'s storage (``unit``: the
+    :func:`_unit_statistics` of ``scale``, made once by a caller that loops)."""
     if (
         not torch.compiler.is_compiling() and input.numel() > 0
         and scale.dtype in (input.dtype, stats_dtype(input.dtype))
@@ -146,10 +159,10 @@ def _scale_shift_(input: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
         # one vectorised pass, measured 3x faster on CPU than addcmul with two per-channel
         # operands, and 1.5x faster than mul_ then add_. float16/bfloat16 input runs in its
         # mixed mode (float32 parameters): computed in float32, rounded once.
-        zeros = torch.zeros_like(scale)
+        zeros, ones, save_mean, save_invstd = unit or _unit_statistics(scale)
         torch.ops.aten.native_batch_norm.out(
-            input, scale, shift, zeros, torch.ones_like(scale), False, 0.0, 0.0,
-            out=input, save_mean=zeros.new_empty(0), save_invstd=zeros.new_empty(0),
+            input, scale, shift, zeros, ones, False, 0.0, 0.0,
+            out=input, save_mean=save_mean, save_invstd=save_invstd,
         )
         return input
     scale, shift = per_channel(scale, input), per_channel(shift, input)
@@ -268,7 +281,6 @@ def _synchronized_backward(
     batch (once for the sums, once for dx): the only full-size allocation is dx itself, where
     recovering ``y`` and ``dy`` whole would hold two more (the peak of a training step).
     """
-    channels = output.shape[1]
     scale = invstd * gamma  # d y / d x at fixed statistics
     needs_input = ctx.needs_input_grad[0]
     empty = values_per_channel(output.shape) == 0
@@ -282,12 +294,12 @@ def _synchronized_backward(
         local_sum_dy = local_sum_dy_xhat = zeros
     else:
         # torch's backward kernel with "mean" beta and "invstd" 1 / gamma: its sum of
-        # dy * (y - beta) / gamma is sum dy * xhat.
+        # dy * (y - beta) / gamma is sum dy * xhat (its weight, given gamma, does not enter it).
         inverse_gamma = gamma.reciprocal()
         if identity:
             z = output if output.dtype == dtype else output.to(dtype)
             dz = grad_output if grad_output.dtype == dtype else grad_output.to(dtype)
-            sums = [backward_sums(dz, z, None, beta, inverse_gamma, 0.0)]
+            sums = [backward_sums(dz, z, gamma, beta, inverse_gamma, 0.0)]
         else:
             if needs_input:
                 dy_buffer = torch.empty_like(output, dtype=dtype)
@@ -301,26 +313,20 @@ def _synchronized_backward(
                 out = None if dy_buffer is None else dy_buffer[rows]
                 dy = _activation_grad(dz, z, ctx.activation, ctx.param, out)
                 y = _pre_activation(z, ctx.activation, ctx.param, _rows_of(scratch, z))
-                sums.append(backward_sums(dy, y, None, beta, inverse_gamma, 0.0))
+                sums.append(backward_sums(dy, y, gamma, beta, inverse_gamma, 0.0))
                 # Freed before the next slice's are made: at most one slice's temporaries.
                 del z, dz, dy, y
         local_sum_dy = _total([s[0] for s in sums], dtype)
         local_sum_dy_xhat = _total([s[1] for s in sums], dtype)
-    # The wire format's backward message (see .message): sum dy * (x - mean).
-    local_sums = torch.cat([local_sum_dy, local_sum_dy_xhat / invstd])
+    local_sums = backward_message(local_sum_dy, local_sum_dy_xhat, invstd)
     # Every participant calls the reducer, also with an empty batch.
     global_sums = (ctx.reducer or LOCAL_REDUCER)(local_sums)
     if not needs_input:
         return None, local_sum_dy, local_sum_dy_xhat
-    # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)) with the global means, as
-    # SyncNormalize: xhat * w + b + dy * scale, with xhat = (y - beta) / gamma.
-    minus_scale_over_n = scale / -at_least(as_dtype(count, dtype), 1.0)
-    coefficients = global_sums.reshape(2, channels) * minus_scale_over_n
-    # mean(dy * xhat) = invstd * mean(dy * (x - mean)); clamp mode drops the xhat term.
-    coefficients[1].mul_(invstd if var_follows_batch is None else invstd * var_follows_batch)
-    b, w = coefficients.unbind()
     if empty:
         return torch.zeros_like(grad_output), local_sum_dy, local_sum_dy_xhat
+    # As SyncNormalize: dx = dy * scale + xhat * w + b, with xhat = (y - beta) / gamma.
+    w, b = input_gradient_terms(global_sums, scale, invstd, var_follows_batch, count)
     slope = w / gamma
     if identity:
         ones = torch.ones_like(gamma)
@@ -329,12 +335,13 @@ def _synchronized_backward(
     else:
         grad_input = cast(Tensor, dy_buffer)
         shift = b - beta * slope
+        unit = _unit_statistics(slope)
         for rows in slices:
             z = output[rows] if same_dtype else output[rows].to(dtype)
             part = grad_input[rows]
             # w * xhat + b, in the pre-activation's own (temporary) storage, then + scale * dy.
             y = _pre_activation(z, ctx.activation, ctx.param, _rows_of(scratch, z))
-            affine = _scale_shift_(y, slope, shift)
+            affine = _scale_shift_(y, slope, shift, unit)
             if torch.compiler.is_compiling():
                 part.mul_(per_channel(scale, part)).add_(affine)
             else:

@@ -87,7 +87,7 @@ def check_arguments(
         if input.shape[1] == 0:
             raise ValueError(
                 f"{fn}: expected input with at least one channel (C > 0), "
-                f"got shape {shape_str(input.shape)}"
+                f"got shape {shape_str(input.shape)}; give it input of shape (N, C, *)"
             )
         if not input.is_floating_point():
             raise TypeError(f"{fn}: expected a floating-point input, got dtype {input.dtype}")

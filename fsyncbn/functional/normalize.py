@@ -125,7 +125,6 @@ class SyncNormalize(torch.autograd.Function):
         input, weight, mean, var, var_follows_batch, *saved_count = ctx.saved_tensors
         count = ctx.host_count if ctx.host_count is not None else saved_count[0]
         dtype = stats_dtype(input.dtype)
-        channels = input.shape[1]
         invstd = torch.rsqrt(var + ctx.eps)
         if values_per_channel(input.shape) == 0:
             # Zeros computed from grad_output, so that a compiled backward keeps this collective
@@ -138,8 +137,7 @@ class SyncNormalize(torch.autograd.Function):
                 grad_output, input, None if weight is None else weight.to(dtype), mean, invstd,
                 ctx.eps,
             )
-            # The wire format's backward message (see ..message): sum dy * (x - mean).
-            local_sums = torch.cat([local_sum_dy.to(dtype), local_sum_dy_xhat.to(dtype) / invstd])
+            local_sums = backward_message(local_sum_dy.to(dtype), local_sum_dy_xhat.to(dtype), invstd)
         # Every participant calls the reducer here, also with an empty batch: skipping it
         # would leave the others waiting.
         global_sums = ctx.reducer(local_sums)
@@ -147,16 +145,8 @@ class SyncNormalize(torch.autograd.Function):
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             scale = invstd if weight is None else invstd * weight.to(dtype)
-            # dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)), with the global means,
-            #    = dy * scale + (xhat * w + b),  w = -scale * mean(dy * xhat), b = -scale * mean(dy),
-            # and mean(dy * xhat) = invstd * mean(dy * (x - mean)): two passes over the batch,
-            # the second one torch's inference batch-norm kernel. Where eps_mode "clamp"
-            # normalised by the constant sqrt(eps), the variance does not depend on x and the
-            # xhat term drops out.
-            minus_scale_over_n = scale / -at_least(as_dtype(count, dtype), 1.0)
-            coefficients = global_sums.reshape(2, channels) * minus_scale_over_n
-            coefficients[1].mul_(invstd if var_follows_batch is None else invstd * var_follows_batch)
-            b, w = coefficients.unbind()
+            # Two passes over the batch, the first one torch's inference batch-norm kernel.
+            w, b = input_gradient_terms(global_sums, scale, invstd, var_follows_batch, count)
             grad_input = normalized_affine(input, w, b, mean, var, invstd, ctx.eps)
             grad_input = grad_input.addcmul_(grad_output, per_channel(scale, input))
             grad_input = grad_input.to(input.dtype)
@@ -165,6 +155,31 @@ class SyncNormalize(torch.autograd.Function):
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = local_sum_dy.to(ctx.bias_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def backward_message(sum_dy: Tensor, sum_dy_xhat: Tensor, invstd: Tensor) -> Tensor:
+    """The wire format's backward message (see :mod:`.message`) from the local sums:
+    ``[sum dy, sum dy * (x - mean)]``."""
+    return torch.cat([sum_dy, sum_dy_xhat / invstd])
+
+
+def input_gradient_terms(
+    global_sums: Tensor, scale: Tensor, invstd: Tensor, var_follows_batch: Tensor | None,
+    count: Tensor | float,
+) -> tuple[Tensor, Tensor]:
+    """``(w, b)`` per channel with ``dx = dy * scale + xhat * w + b``, from the summed backward
+    message (``scale``: d output / d input at fixed statistics, ``count``: the global count).
+
+    dx = scale * (dy - mean(dy) - xhat * mean(dy * xhat)) with the global means, so
+    ``w = -scale * mean(dy * xhat)`` and ``b = -scale * mean(dy)``, where
+    ``mean(dy * xhat) = invstd * mean(dy * (x - mean))``. Where eps_mode "clamp" normalised by
+    the constant sqrt(eps), the variance does not depend on x and the xhat term drops out.
+    """
+    minus_scale_over_n = scale / -at_least(as_dtype(count, scale.dtype), 1.0)
+    coefficients = global_sums.reshape(2, -1) * minus_scale_over_n
+    coefficients[1].mul_(invstd if var_follows_batch is None else invstd * var_follows_batch)
+    b, w = coefficients.unbind()
+    return w, b
 
 
 # torch's Function.apply binds the arguments to forward's signature on every call; a

@@ -27,7 +27,8 @@ BAD_INPUTS = [
     ("one dim", {"input": torch.randn(5)}, ValueError,
      r"{fn}: expected input of shape \(N, C, \*\) with at least 2 dimensions, got shape \(5,\)"),
     ("no channel", {"input": torch.randn(8, 0, 3), "state": None, "weight": None, "bias": None},
-     ValueError, r"{fn}: expected input with at least one channel \(C > 0\), got shape \(8, 0, 3\)"),
+     ValueError, r"{fn}: expected input with at least one channel \(C > 0\), got shape \(8, 0, 3\); "
+     r"give it input of shape \(N, C, \*\)"),
     ("integer dtype", {"input": torch.ones(8, 4, dtype=torch.long)}, TypeError,
      r"{fn}: expected a floating-point input, got dtype torch.int64"),
     ("channels vs state", {"input": torch.randn(8, 32, 7, 7), "state": _state(64)}, ValueError,
